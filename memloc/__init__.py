@@ -1,0 +1,16 @@
+"""memloc: locate memorization in neural networks and modify it where it lives.
+
+The foundation: datasets with stable example ids and recorded label noise (:mod:`memloc.data`), models with
+stable layer names (:mod:`memloc.models`), training with per-epoch checkpoints and per-example dynamics
+(:mod:`memloc.train`), one hook vocabulary for capture and intervention (:mod:`memloc.hooks`) and one result
+format (:mod:`memloc.results`).
+"""
+from .data import Dataset, from_arrays, inject_label_noise, load_dataset
+from .hooks import ablate, capture, replace_parameters, scale_neurons, valid_sites
+from .models import build_model, layer_names
+from .results import load_result, make_result, save_result
+from .train import Run, TrainConfig, evaluate, load_run, train
+
+__all__ = ["Dataset", "from_arrays", "inject_label_noise", "load_dataset", "ablate", "capture",
+           "replace_parameters", "scale_neurons", "valid_sites", "build_model", "layer_names", "load_result",
+           "make_result", "save_result", "Run", "TrainConfig", "evaluate", "load_run", "train"]

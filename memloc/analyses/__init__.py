@@ -1,0 +1,1 @@
+"""Per-example memorization scores, representation probes and privacy metrics (issues 4 and 5)."""

@@ -1,0 +1,546 @@
+"""Training with a checkpoint per epoch and a per-example, per-epoch record of how each example was learned.
+
+A run is a folder::
+
+    config.json                      TrainConfig (+ versions)
+    examples.parquet                 example_id, split, label, original_label, group
+    checkpoints/epoch_000.safetensors   initialisation, then one per epoch (model weights and buffers)
+    dynamics.parquet                 example_id, epoch, source, loss, correct, margin, confidence, prediction
+    summary.json                     accuracies by group, epochs, seconds, seed, config (written last)
+    state.pt                         optimiser state for resuming (torch.load(weights_only=True))
+    data.safetensors                 only when the data was passed in rather than named in the config
+
+``dynamics.parquet`` holds two sources: ``minibatch`` rows are measured on the training minibatch just before
+the optimiser step, in train mode (Toneva et al.'s convention; train examples only), and ``eval`` rows come
+from a full pass in eval mode after each epoch (epoch 0 = initialisation; train and test examples). ``loss``,
+``correct``, ``margin`` (label logit minus the largest other logit) and ``confidence`` (softmax probability of
+the label) are all measured against the *training* label, i.e. the flipped one for noisy examples.
+
+Every file is written atomically and the run state last, so a run killed at any moment resumes from its last
+completed epoch and ends with the same weights as an uninterrupted run (data order is a function of seed and
+epoch, not of the process' history).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset, inject_label_noise, load_dataset
+from .hooks import batched_forward, require_eval
+from .models import build_model
+from .results import atomic_path, load_result, make_result, read_json, save_result, write_json
+
+__all__ = ["TrainConfig", "train", "evaluate", "group_accuracy", "Run", "load_run", "save_checkpoint",
+           "load_checkpoint"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "triangle", "step")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. Same config (and seed) -> same run, bit for bit on the same machine.
+
+    Attributes:
+        dataset, dataset_kwargs: a name from :data:`memloc.data.DATASETS` and its arguments.
+        noise: fraction of training labels flipped (:func:`~memloc.data.inject_label_noise`), in [0, 1).
+        model, model_kwargs: a name from :data:`memloc.models.MODELS` and its arguments.
+        optimizer: ``sgd`` | ``adam`` | ``adamw``; lr, momentum (SGD), weight_decay.
+        schedule: ``constant`` | ``cosine`` | ``triangle`` (linear warm-up for ``warmup`` of the steps, then
+            linear decay to 0, as in Maini et al.) | ``step`` (x ``gamma`` at each of ``milestones`` epochs).
+            Schedules span ``epochs`` (the maximum), also when training stops early.
+        epochs: maximum number of epochs.
+        stop_at_train_acc: stop after the first epoch whose eval-mode accuracy on *all* training examples
+            (noisy ones against their flipped labels) reaches this; ``None`` trains exactly ``epochs``.
+        eval_each_epoch: full evaluation pass after every epoch (train + test examples).
+        seed: seeds model initialisation and data order; noise_seed (default: seed) seeds the label flips.
+    """
+
+    dataset: str = "mnist1d"
+    dataset_kwargs: dict = field(default_factory=dict)
+    noise: float = 0.1
+    noise_seed: int | None = None
+    model: str = "cnn1d"
+    model_kwargs: dict = field(default_factory=dict)
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.1
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    batch_size: int = 128
+    epochs: int = 300
+    stop_at_train_acc: float | None = 1.0
+    eval_each_epoch: bool = True
+    eval_batch_size: int = 1024
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig field(s) {sorted(unknown)}; valid fields are {sorted(names)}.")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def validate(self) -> "TrainConfig":
+        from .data import DATASETS
+        from .models import MODELS
+
+        def need(ok: bool, name: str, valid: str):
+            if not ok:
+                raise ValueError(f"The {name!r} parameter must be {valid}. Got {getattr(self, name)!r} instead.")
+
+        need(self.dataset in DATASETS or self.dataset == "custom", "dataset", f"one of {sorted(DATASETS)}")
+        need(self.model in MODELS, "model", f"one of {sorted(MODELS)}")
+        need(isinstance(self.noise, (int, float)) and 0 <= self.noise < 1, "noise", "a number in [0, 1)")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
+        need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "a float in (0, inf)")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an int in [1, inf)")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an int in [1, inf)")
+        need(isinstance(self.seed, int), "seed", "an int")
+        need(self.stop_at_train_acc is None or 0 < self.stop_at_train_acc <= 1, "stop_at_train_acc",
+             "None or a number in (0, 1]")
+        need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def _per_example(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """loss, correct, margin, confidence, prediction for logits ``[B, K]`` against labels ``[B]``."""
+    loss = F.cross_entropy(logits, y, reduction="none")
+    label_logit = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    margin = label_logit - others.max(1).values
+    pred = logits.argmax(1)
+    conf = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+    return {"loss": loss, "correct": pred == y, "margin": margin, "confidence": conf, "prediction": pred}
+
+
+def _frame(example_id: torch.Tensor, stats: dict[str, torch.Tensor]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "example_id": example_id.numpy().astype(np.int64),
+        "loss": stats["loss"].detach().float().numpy(),
+        "correct": stats["correct"].numpy(),
+        "margin": stats["margin"].detach().float().numpy(),
+        "confidence": stats["confidence"].detach().float().numpy(),
+        "prediction": stats["prediction"].numpy().astype(np.int64),
+    })
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, progress: bool = False) -> pd.DataFrame:
+    """Per-example ``example_id, loss, correct, margin, confidence, prediction`` against ``data.y``.
+
+    The model must be in eval mode. Labels are the training labels (flipped ones for noisy examples).
+    """
+    require_eval(model, "evaluate()")
+    parts = []
+    for sl, logits in batched_forward(model, data.x, batch_size, progress, desc="evaluate"):
+        parts.append(_frame(data.example_id[sl], _per_example(logits.float().cpu(), data.y[sl])))
+    return pd.concat(parts, ignore_index=True) if parts else _frame(torch.empty(0, dtype=torch.long), {
+        k: torch.empty(0) for k in ("loss", "correct", "margin", "confidence", "prediction")})
+
+
+def group_accuracy(per_example: pd.DataFrame, examples: pd.DataFrame) -> dict[str, float]:
+    """Accuracy per group (``clean``, ``noisy``, ``test``) and over all training examples (``train``)."""
+    df = per_example.merge(examples[["example_id", "group", "split"]], on="example_id")
+    out = {g: float(df.loc[df.group == g, "correct"].mean()) if (df.group == g).any() else float("nan")
+           for g in ("clean", "noisy", "test")}
+    out["train"] = float(df.loc[df.split == "train", "correct"].mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model_or_state: nn.Module | dict, path: str | Path, **metadata: Any) -> Path:
+    """Atomically save a model's state_dict (parameters and buffers) as safetensors."""
+    from safetensors.torch import save_file
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint as a state_dict."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    return load_file(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def _ckpt_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.safetensors"
+
+
+class Run:
+    """A training run folder. ``Run(path)`` reads it; nothing is loaded until asked for.
+
+    Attributes/methods: ``config`` (:class:`TrainConfig`), ``summary`` (dict, ``None`` while unfinished),
+    ``examples`` and ``dynamics`` (DataFrames), ``epochs`` (saved checkpoint epochs), ``checkpoint(epoch)``
+    (state_dict), ``model(epoch=None)`` (the model in eval mode, last epoch by default), ``data()`` (the exact
+    Dataset it was trained on, rebuilt from the config or read from ``data.safetensors``).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(f"{self.path} is not a memloc run (no config.json). "
+                                    "Create one with memloc.train(...) or `memloc train --out ...`.")
+        raw = read_json(self.path / "config.json")
+        self.config = TrainConfig.from_dict(raw["train"])
+        self.info = raw
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else f"unfinished, {len(self.epochs) - 1} epochs"
+        return f"Run({str(self.path)!r}, {self.config.model} on {self.config.dataset}, noise={self.config.noise}, {state})"
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "summary.json").exists()
+
+    @property
+    def summary(self) -> dict | None:
+        return read_json(self.path / "summary.json") if self.finished else None
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        return load_result(self.path / "examples.parquet")
+
+    @property
+    def dynamics(self) -> pd.DataFrame:
+        if (self.path / "dynamics.parquet").exists():
+            return load_result(self.path / "dynamics.parquet")
+        parts = sorted((self.path / "dynamics").glob("epoch_*.parquet"))
+        return pd.concat([load_result(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in (self.path / "checkpoints").glob("epoch_*.safetensors"))
+
+    def checkpoint(self, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        epochs = self.epochs
+        epoch = epochs[-1] if epoch is None else epoch
+        if epoch not in epochs:
+            raise ValueError(f"No checkpoint for epoch {epoch} in {self.path}; saved epochs are {epochs}.")
+        return load_checkpoint(self.path / "checkpoints" / _ckpt_name(epoch))
+
+    def data(self) -> Dataset:
+        return _load_run_data(self.path, self.config)
+
+    def model(self, epoch: int | None = None) -> nn.Module:
+        cfg = self.config
+        shape, k = self.info["input_shape"], self.info["num_classes"]
+        model = build_model(cfg.model, shape, k, **cfg.model_kwargs)
+        model.load_state_dict(self.checkpoint(epoch))
+        return model.eval()
+
+
+def load_run(path: str | Path) -> Run:
+    return Run(path)
+
+
+def _build_data(cfg: TrainConfig) -> Dataset:
+    data = load_dataset(cfg.dataset, **cfg.dataset_kwargs)
+    if cfg.noise > 0:
+        data = inject_label_noise(data, cfg.noise, seed=cfg.seed if cfg.noise_seed is None else cfg.noise_seed)
+    return data
+
+
+def _load_run_data(path: Path, cfg: TrainConfig) -> Dataset:
+    from safetensors.torch import load_file
+
+    examples = load_result(path / "examples.parquet")
+    if (path / "data.safetensors").exists():
+        t = load_file(str(path / "data.safetensors"))
+        info = read_json(path / "config.json")
+        data = Dataset(x=t["x"], y=t["y"], original_label=t["original_label"], example_id=t["example_id"],
+                       split=examples["split"].to_numpy(object), group=examples["group"].to_numpy(object),
+                       num_classes=info["num_classes"], name=info.get("data_name", "custom"),
+                       meta=info.get("data_meta", {}))
+    else:
+        data = _build_data(cfg)
+    if not (np.array_equal(data.example_id.numpy(), examples.example_id.values)
+            and np.array_equal(data.y.numpy(), examples.label.values)):
+        raise RuntimeError(f"The data rebuilt for {path} does not match its examples.parquet (a different "
+                           "dataset version?). The run cannot be analysed with these examples.")
+    return data
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    t = step / max(total, 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        if cfg.warmup and t < cfg.warmup:
+            return t / cfg.warmup
+        u = (t - cfg.warmup) / max(1e-12, 1 - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(u, 1.0)))
+    if cfg.schedule == "triangle":
+        if cfg.warmup and t < cfg.warmup:
+            return t / cfg.warmup
+        return max(0.0, (1 - t) / max(1e-12, 1 - cfg.warmup))
+    raise AssertionError(cfg.schedule)
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train(config: TrainConfig | dict | None = None, out: str | Path | None = None, *, data: Dataset | None = None,
+          resume: bool = True, overwrite: bool = False, progress: bool = True,
+          on_epoch_end: Callable[[int, dict], Any] | None = None, **overrides: Any) -> Run:
+    """Train a model on a (noisy-label) dataset, keeping a checkpoint per epoch and per-example dynamics.
+
+    Args:
+        config: a :class:`TrainConfig`, a dict of its fields, or ``None`` for the default testbed
+            (MNIST-1D 4000/1000, 10% flipped labels, 3-layer 1-D CNN with BatchNorm, Adam 3e-3, batch 128,
+            trained until 100% of training labels, flipped ones included, are fit).
+        out: the run folder (required).
+        data: train on this Dataset instead of the one the config names; it is saved in the run
+            (``data.safetensors``). Label noise from ``config.noise`` is injected unless it has some already.
+        resume: if ``out`` holds an unfinished run with the same config, continue from its last completed
+            epoch (a finished one is returned as is). ``overwrite=True`` deletes an existing run instead.
+        progress: show a progress bar (one tick per epoch).
+        on_epoch_end: called as ``fn(epoch, metrics)`` after each epoch is safely on disk.
+        **overrides: TrainConfig fields overriding ``config`` (``train(out="runs/a", epochs=50)``).
+    Returns the :class:`Run`.
+    """
+    from tqdm.auto import tqdm
+
+    if out is None:
+        raise ValueError("train() needs out=: the folder the run is written to.")
+    if config is None:
+        cfg_dict: dict[str, Any] = {}
+    elif isinstance(config, TrainConfig):
+        cfg_dict = config.to_dict()
+    elif isinstance(config, dict):
+        cfg_dict = dict(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig, a dict or None; got {type(config).__name__}.")
+    cfg_dict.update(overrides)
+    if data is not None:
+        cfg_dict["dataset"] = "custom"
+    cfg = TrainConfig.from_dict(cfg_dict).validate()
+    out = Path(out)
+
+    if data is None:
+        data = _build_data(cfg)
+    elif cfg.noise > 0 and not (data.group == "noisy").any():
+        data = inject_label_noise(data, cfg.noise, seed=cfg.seed if cfg.noise_seed is None else cfg.noise_seed)
+
+    # built before anything is written, so a model that does not fit the data leaves no folder behind
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed, **cfg.model_kwargs)
+    info = {"train": cfg.to_dict(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "data_name": data.name, "data_meta": data.meta, "memloc_version": _version(),
+            "torch_version": torch.__version__}
+    if (out / "config.json").exists():
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            old = read_json(out / "config.json")
+            if old.get("train") != info["train"]:
+                diff = {k: (old.get("train", {}).get(k), v) for k, v in info["train"].items()
+                        if old.get("train", {}).get(k) != v}
+                raise FileExistsError(f"{out} holds a run with a different config {diff} (old, new). Choose "
+                                      "another folder, or pass overwrite=True (--overwrite) to replace it.")
+            if not resume:
+                raise FileExistsError(f"{out} already holds a run; pass resume=True or overwrite=True.")
+            if (out / "summary.json").exists():
+                return Run(out)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not a memloc run; refusing to write into it.")
+
+    ckdir, dyndir = out / "checkpoints", out / "dynamics"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    dyndir.mkdir(exist_ok=True)
+    if not (out / "config.json").exists():
+        if cfg.dataset == "custom":
+            from safetensors.torch import save_file
+            with atomic_path(out / "data.safetensors") as tmp:
+                save_file({"x": data.x.contiguous(), "y": data.y, "original_label": data.original_label,
+                           "example_id": data.example_id}, str(tmp))
+        save_result(make_result(data.examples(), dataset=data.name, **data.meta.get("noise", {})),
+                    out / "examples.parquet")
+        write_json(info, out / "config.json")  # last: its presence marks a run folder
+    examples = data.examples()
+
+    opt = _make_optimizer(cfg, model)
+    train_data = data.train
+    n_train = len(train_data)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    def eval_pass(epoch: int) -> tuple[pd.DataFrame, dict[str, float]]:
+        model.eval()
+        df = evaluate(model, data, cfg.eval_batch_size)
+        model.train()
+        acc = group_accuracy(df, examples)
+        df.insert(1, "epoch", epoch)
+        df.insert(2, "source", "eval")
+        return df, acc
+
+    state_path = out / "state.pt"
+    history: list[dict] = []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=True)
+        start, seconds, history, done = st["epoch"] + 1, st["seconds"], st["history"], st["done"]
+        model.load_state_dict(load_checkpoint(ckdir / _ckpt_name(st["epoch"])))
+        opt.load_state_dict(st["optimizer"])
+        for p in list(ckdir.glob("epoch_*.safetensors")) + list(dyndir.glob("epoch_*.parquet")):
+            if int(p.name.split("_")[1].split(".")[0]) > st["epoch"]:
+                p.unlink()  # a partly written later epoch
+    else:
+        start, seconds, done = 1, 0.0, False
+        save_checkpoint(model, ckdir / _ckpt_name(0), epoch=0)
+        df0, acc0 = eval_pass(0)
+        save_result(make_result(df0, epoch=0), dyndir / "epoch_000.parquet")
+        history.append({"epoch": 0, **acc0})
+        torch.save({"epoch": 0, "seconds": 0.0, "history": history, "done": False, "optimizer": opt.state_dict()},
+                   state_path)
+
+    bar = tqdm(total=cfg.epochs, initial=start - 1, desc=f"train {cfg.model}/{data.name}", disable=not progress,
+               unit="ep")
+    epoch = start - 1
+    model.train()
+    for epoch in range(start, cfg.epochs + 1):
+        if done:
+            break
+        t0 = time.perf_counter()
+        order = _epoch_order(cfg.seed, epoch, n_train)
+        records: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            xb, yb = train_data.x[idx], train_data.y[idx]
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _step_factor(cfg, (epoch - 1) * steps_per_epoch + b, total_steps, epoch)
+            logits = model(xb)
+            stats = _per_example(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            stats["loss"].mean().backward()
+            opt.step()
+            records.append((idx, {k: v.detach() for k, v in stats.items()}))
+        pos = torch.cat([r[0] for r in records])
+        cat = {k: torch.cat([r[1][k] for r in records]) for k in records[0][1]}
+        order_back = torch.argsort(pos)  # rows sorted by position in the train split = by example id
+        mb = _frame(train_data.example_id[pos[order_back]], {k: v[order_back] for k, v in cat.items()})
+        mb.insert(1, "epoch", epoch)
+        mb.insert(2, "source", "minibatch")
+        parts = [mb]
+        if cfg.eval_each_epoch:
+            df, acc = eval_pass(epoch)
+            parts.append(df)
+        else:
+            acc = group_accuracy(mb, examples)
+        seconds += time.perf_counter() - t0
+        history.append({"epoch": epoch, **acc})
+        done = (cfg.stop_at_train_acc is not None and acc["train"] >= cfg.stop_at_train_acc) or epoch == cfg.epochs
+        save_result(make_result(pd.concat(parts, ignore_index=True), epoch=epoch), dyndir / f"epoch_{epoch:03d}.parquet")
+        save_checkpoint(model, ckdir / _ckpt_name(epoch), epoch=epoch)
+        with atomic_path(state_path) as tmp:
+            torch.save({"epoch": epoch, "seconds": seconds, "history": history, "done": done,
+                        "optimizer": opt.state_dict()}, tmp)
+        bar.update(1)
+        bar.set_postfix(clean=f"{acc['clean']:.3f}", noisy=f"{acc['noisy']:.3f}", test=f"{acc['test']:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(acc))
+    bar.close()
+    _finalize(out, cfg, data, examples, model, history, seconds)
+    return Run(out)
+
+
+def _step_factor(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch > m)
+    return _lr_factor(cfg, step, total)
+
+
+def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame, model: nn.Module,
+              history: list[dict], seconds: float) -> None:
+    dyndir = out / "dynamics"
+    parts = sorted(dyndir.glob("epoch_*.parquet"))
+    if parts:
+        dyn = pd.concat([load_result(p) for p in parts], ignore_index=True)
+        dyn["source"] = dyn["source"].astype("category")
+        save_result(make_result(dyn, seed=cfg.seed, config=cfg.to_dict()), out / "dynamics.parquet")
+    shutil.rmtree(dyndir, ignore_errors=True)
+    model.eval()
+    final = evaluate(model, data, cfg.eval_batch_size)
+    acc = group_accuracy(final, examples)
+    noisy = examples[examples.group == "noisy"]
+    orig = final.merge(noisy[["example_id", "original_label"]], on="example_id")
+    fit_epoch = next((h["epoch"] for h in history if h["train"] >= 1.0), None)
+    noisy_fit = next((h["epoch"] for h in history if h.get("noisy", 0) >= 1.0 and h["epoch"] > 0), None)
+    summary = {
+        "train_acc": acc["train"], "train_acc_clean": acc["clean"], "train_acc_noisy": acc["noisy"],
+        "noisy_acc_original_label": float((orig.prediction == orig.original_label).mean()) if len(orig) else None,
+        "test_acc": acc["test"], "epochs": history[-1]["epoch"], "fit_epoch": fit_epoch,
+        "noisy_fit_epoch": noisy_fit, "seconds": round(seconds, 3), "seed": cfg.seed,
+        "n": {g: int((examples.group == g).sum()) for g in ("clean", "noisy", "test")},
+        "chance": 1.0 / data.num_classes, "threads": torch.get_num_threads(), "config": cfg.to_dict(),
+        "history": history,
+    }
+    write_json(summary, out / "summary.json")
+
+
+def format_summary(summary: dict, path: str | Path | None = None) -> str:
+    """A few lines a person can read: accuracies by group with the seed and config that produced them."""
+    c = summary["config"]
+    n = summary["n"]
+    lines = [
+        f"run: {path}" if path else None,
+        f"setting: {c['model']} {c['model_kwargs'] or ''} on {c['dataset']} {c['dataset_kwargs'] or ''}".replace("  ", " ") + f", {c['noise']:.0%} flipped labels "
+        f"(noise_seed={c['noise_seed'] if c['noise_seed'] is not None else c['seed']}), seed={c['seed']}, "
+        f"{c['optimizer']} lr={c['lr']} {c['schedule']}, batch {c['batch_size']}",
+        f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s ({summary['threads']} threads); "
+        f"100% train accuracy first at epoch {summary['fit_epoch']}",
+        f"train accuracy, clean examples ({n['clean']}):                      {summary['train_acc_clean']:.4f}",
+        f"train accuracy, noisy examples vs their flipped labels ({n['noisy']}): {summary['train_acc_noisy']:.4f}",
+        f"noisy examples predicted as their original label:            "
+        f"{summary['noisy_acc_original_label'] if summary['noisy_acc_original_label'] is None else format(summary['noisy_acc_original_label'], '.4f')}",
+        f"test accuracy ({n['test']}, chance {summary['chance']:.2f}):                          {summary['test_acc']:.4f}",
+    ]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("memloc")
+    except Exception:
+        return "unknown"

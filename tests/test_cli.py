@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from memloc.cli import main
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=[64]", "--epochs", "3", "--stop-at", "0",
+        "--quiet"]
+
+
+def test_train_and_summary(tmp_path, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "noisy examples vs their flipped labels (144)" in out and "seed=2" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["config"]["model_kwargs"] == {"hidden": [64]}
+    assert main(["summary", str(tmp_path / "r"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 2
+
+
+def test_investigate_writes_a_report(tmp_path, capsys):
+    assert main(["investigate", *TINY, "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "run" / "summary.json").exists()
+    assert "test accuracy" in (tmp_path / "rep" / "summary.txt").read_text()
+    png = (tmp_path / "rep" / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("args,msg", [(["--dataset", "imagenet"], "'dataset' parameter must be one of"),
+                                      (["--noise", "1.2"], r"'noise' parameter must be a number in \[0, 1\)"),
+                                      (["--dataset", "cifar10", "--data-arg", "root=/nonexistent"],
+                                       "No CIFAR-10 batches found")])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, args, msg):
+    import re
+
+    assert main(["train", *TINY, *args, "--out", str(tmp_path / "x")]) == 2
+    assert re.search(msg, capsys.readouterr().err)
+
+
+def test_summary_of_a_non_run(tmp_path, capsys):
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "is not a memloc run" in capsys.readouterr().err
