@@ -41,6 +41,11 @@ def _add_train_args(p: argparse.ArgumentParser, default_out: str | None) -> None
     p.add_argument("--stop-at", type=float, default=d.stop_at_train_acc,
                    help="stop once train accuracy (noisy labels included) reaches this; 0 = train all epochs")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--example-tied-dropout", action="store_true",
+                   help="train with example-tied dropout (Maini et al. 2023)")
+    p.add_argument("--etd-sites", default=None, help="comma-separated sites (default: the last hidden layer)")
+    p.add_argument("--p-fixed", type=float, default=0.2, help="fraction of always-on units (%(default)s)")
+    p.add_argument("--p-mem", type=float, default=0.1, help="keep probability of memorization units (%(default)s)")
     p.add_argument("--out", default=default_out, required=default_out is None, help="run folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -58,7 +63,9 @@ def _train_from_args(a: argparse.Namespace):
         {"dataset": a.dataset, "dataset_kwargs": _kv(a.data_arg), "noise": a.noise, "model": a.model,
          "model_kwargs": _kv(a.model_arg), "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
          "schedule": a.schedule, "batch_size": a.batch_size, "epochs": a.epochs,
-         "stop_at_train_acc": a.stop_at or None, "seed": a.seed},
+         "stop_at_train_acc": a.stop_at or None, "seed": a.seed,
+         "example_tied_dropout": ({"sites": a.etd_sites.split(",") if a.etd_sites else None, "p_fixed": a.p_fixed,
+                                   "p_mem": a.p_mem} if a.example_tied_dropout else None)},
         a.out, overwrite=a.overwrite, progress=not a.quiet)
     print(format_summary(run.summary, run.path))
     return run
@@ -88,6 +95,63 @@ def _investigate(a: argparse.Namespace) -> None:
     print(f"report: {report}/ (summary.txt, learning_curves.png, run/)")
 
 
+def _locate(a: argparse.Namespace) -> None:
+    import torch
+
+    from . import locate
+    from .analyses import plots
+    from .results import save_result
+    from .train import Run
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    if not run.finished:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    layers = a.layers.split(",") if a.layers else None
+    out = Path(a.out) if a.out else run.path / "locate"
+    progress = not a.quiet
+    if a.method == "rewind":
+        epochs = [int(e) for e in a.epochs.split(",")] if a.epochs else None
+        df = locate.rewind_layers(run, layers, epochs, include_buffers=not a.no_buffers, progress=progress)
+        fig = plots.plot_rewind(df)
+        first = locate.rewind.before_memorization_epoch(run, sorted(set(df.epoch[df.layer != "none"])))
+        t = df[(df.epoch == first) | (df.layer == "none")].pivot_table(index="layer", columns="group",
+                                                                        values="accuracy", sort=False)
+        text = (f"accuracy with each layer rewound to epoch {first}, the first at which >=90% of clean examples "
+                f"were fit (layer 'none' = final model):\n{t.round(3)}")
+    elif a.method == "retrain":
+        df = locate.retrain_layers(run, layers, max_epochs=a.max_epochs, seed=a.seed, progress=progress)
+        fig = plots.plot_retrain(df)
+        last = df.sort_values("epoch").groupby(["layer", "group"], sort=False).tail(1)
+        t = last.pivot_table(index="layer", columns="group", values="accuracy", sort=False)
+        text = ("accuracy after resetting each layer and retraining it on clean examples (others frozen):\n"
+                f"{t.round(3)}")
+    elif a.method == "ablate":
+        df = locate.ablate_examples(run, a.n_per_group, seed=a.seed, layers=layers, batch_size=a.batch_size,
+                                    keep_weight=a.keep_weight, noise_samples=a.noise_samples,
+                                    max_units=a.max_units, progress=progress)
+        fig = plots.plot_ablation(df)
+        s = locate.summarize_flips(df)
+        text = (f"units zeroed to flip: noisy median {s['noisy']['median_units']} (n={s['noisy']['n']}, capped "
+                f"{s['noisy']['capped']}), clean median {s['clean']['median_units']} (n={s['clean']['n']}, capped "
+                f"{s['clean']['capped']}); Mann-Whitney p (noisy < clean) = {s['mannwhitney_p_noisy_fewer']:.2g}\n"
+                f"mean test-accuracy change: noisy {s['noisy']['mean_test_acc_change']:+.4f}, "
+                f"clean {s['clean']['mean_test_acc_change']:+.4f}")
+    else:
+        df = locate.dropout_accuracies(run)
+        fig = plots.plot_dropout(df)
+        text = f"example-tied dropout accuracy:\n{df.pivot(index='mode', columns='group', values='accuracy').round(3)}"
+    save_result(df, out / f"{a.method}.parquet")
+    plots.save_figure(fig, out / f"{a.method}.png")
+    st = df.attrs["settings"]
+    print(f"run: {run.path} ({run.config.model} on {run.config.dataset}, {run.config.noise:.0%} flipped, "
+          f"seed {run.config.seed})")
+    print("settings: " + json.dumps({k: v for k, v in st.items() if k not in ("config", "run")}))
+    print(text)
+    print(f"wrote {out / (a.method + '.parquet')} and {out / (a.method + '.png')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +161,23 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("investigate", help="the main job: train the default memorization testbed and report")
     _add_train_args(p, default_out="reports/default")
+
+    p = sub.add_parser("locate", help="where is memorization stored? rewind | retrain | ablate | dropout")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--method", required=True, choices=["rewind", "retrain", "ablate", "dropout"])
+    p.add_argument("--out", default=None, help="folder for the parquet table and figure (default RUN/locate)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all of layer_names)")
+    p.add_argument("--epochs", default=None, help="rewind: comma-separated checkpoint epochs")
+    p.add_argument("--no-buffers", action="store_true", help="rewind: keep final BatchNorm statistics")
+    p.add_argument("--max-epochs", type=int, default=20, help="retrain: epochs per layer at most")
+    p.add_argument("--n-per-group", type=int, default=100, help="ablate: clean and noisy examples each")
+    p.add_argument("--batch-size", type=int, default=64, help="ablate: target + other examples per objective")
+    p.add_argument("--keep-weight", type=float, default=1.0, help="ablate: weight of the keep-the-batch term")
+    p.add_argument("--noise-samples", type=int, default=0, help="ablate: Gaussian input samples averaged")
+    p.add_argument("--max-units", type=int, default=64, help="ablate: cap on zeroed units per example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
@@ -108,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             _train_from_args(a)
         elif a.command == "investigate":
             _investigate(a)
+        elif a.command == "locate":
+            _locate(a)
         elif a.command == "summary":
             from .train import Run, format_summary
 

@@ -66,6 +66,10 @@ class TrainConfig:
             (noisy ones against their flipped labels) reaches this; ``None`` trains exactly ``epochs``.
         eval_each_epoch: full evaluation pass after every epoch (train + test examples).
         seed: seeds model initialisation and data order; noise_seed (default: seed) seeds the label flips.
+        example_tied_dropout: ``None`` or ``{"sites": [...], "p_fixed": 0.2, "p_mem": 0.1}``
+            (:class:`~memloc.models.dropout.ExampleTiedDropout`; ``sites`` default to the last hidden layer).
+            Training and the eval pass use each training example's own mask (test examples: the expectation),
+            and the summary also reports accuracy in the ``expect`` and ``drop`` modes.
     """
 
     dataset: str = "mnist1d"
@@ -88,6 +92,7 @@ class TrainConfig:
     eval_each_epoch: bool = True
     eval_batch_size: int = 1024
     seed: int = 0
+    example_tied_dropout: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -120,6 +125,9 @@ class TrainConfig:
         need(self.stop_at_train_acc is None or 0 < self.stop_at_train_acc <= 1, "stop_at_train_acc",
              "None or a number in (0, 1]")
         need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        etd = self.example_tied_dropout
+        need(etd is None or (isinstance(etd, dict) and set(etd) <= {"sites", "p_fixed", "p_mem"}),
+             "example_tied_dropout", "None or a dict with keys among ['sites', 'p_fixed', 'p_mem']")
         return self
 
 
@@ -147,12 +155,29 @@ def _frame(example_id: torch.Tensor, stats: dict[str, torch.Tensor]) -> pd.DataF
     })
 
 
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, progress: bool = False) -> pd.DataFrame:
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, progress: bool = False, etd=None,
+             etd_mode: str = "own") -> pd.DataFrame:
     """Per-example ``example_id, loss, correct, margin, confidence, prediction`` against ``data.y``.
 
     The model must be in eval mode. Labels are the training labels (flipped ones for noisy examples).
+    With an :class:`~memloc.models.dropout.ExampleTiedDropout` ``etd``, ``etd_mode`` is ``"expect"``,
+    ``"drop"``, or ``"own"``: each training example with its own memorization mask (how it was trained;
+    test examples, which have none, get the expectation).
     """
     require_eval(model, "evaluate()")
+    if etd is not None and etd_mode == "own":
+        train, test = data.subset(data.split == "train"), data.subset(data.split != "train")
+        parts = [evaluate(model, test, batch_size, etd=etd, etd_mode="expect")]
+        for s in range(0, len(train), batch_size):
+            sub = train.subset(np.arange(s, min(s + batch_size, len(train))))
+            with etd.apply(model, "train", ids=sub.example_id):
+                parts.append(evaluate(model, sub, batch_size))
+        order = {int(e): i for i, e in enumerate(data.example_id.tolist())}
+        df = pd.concat(parts, ignore_index=True)
+        return df.iloc[np.argsort([order[e] for e in df.example_id])].reset_index(drop=True)
+    if etd is not None:
+        with etd.apply(model, etd_mode):
+            return evaluate(model, data, batch_size, progress)
     parts = []
     for sl, logits in batched_forward(model, data.x, batch_size, progress, desc="evaluate"):
         parts.append(_frame(data.example_id[sl], _per_example(logits.float().cpu(), data.y[sl])))
@@ -252,6 +277,12 @@ class Run:
 
     def data(self) -> Dataset:
         return _load_run_data(self.path, self.config)
+
+    def etd(self):
+        """The run's example-tied dropout (apply it with ``run.etd().apply(model, mode)``), or ``None``."""
+        if self.config.example_tied_dropout is None:
+            return None
+        return make_etd(self.config, self.model(0), self.data())
 
     def model(self, epoch: int | None = None) -> nn.Module:
         cfg = self.config
@@ -366,6 +397,7 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
 
     # built before anything is written, so a model that does not fit the data leaves no folder behind
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed, **cfg.model_kwargs)
+    etd = make_etd(cfg, model, data)
     info = {"train": cfg.to_dict(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "data_name": data.name, "data_meta": data.meta, "memloc_version": _version(),
             "torch_version": torch.__version__}
@@ -408,7 +440,7 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
 
     def eval_pass(epoch: int) -> tuple[pd.DataFrame, dict[str, float]]:
         model.eval()
-        df = evaluate(model, data, cfg.eval_batch_size)
+        df = evaluate(model, data, cfg.eval_batch_size, etd=etd)
         model.train()
         acc = group_accuracy(df, examples)
         df.insert(1, "epoch", epoch)
@@ -449,7 +481,11 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
             xb, yb = train_data.x[idx], train_data.y[idx]
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _step_factor(cfg, (epoch - 1) * steps_per_epoch + b, total_steps, epoch)
-            logits = model(xb)
+            if etd is not None:
+                with etd.apply(model, "train", ids=train_data.example_id[idx]):
+                    logits = model(xb)
+            else:
+                logits = model(xb)
             stats = _per_example(logits, yb)
             opt.zero_grad(set_to_none=True)
             stats["loss"].mean().backward()
@@ -480,8 +516,22 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         if on_epoch_end is not None:
             on_epoch_end(epoch, dict(acc))
     bar.close()
-    _finalize(out, cfg, data, examples, model, history, seconds)
+    _finalize(out, cfg, data, examples, model, history, seconds, etd)
     return Run(out)
+
+
+def make_etd(cfg: TrainConfig, model: nn.Module, data: Dataset):
+    """The run's :class:`~memloc.models.dropout.ExampleTiedDropout`, or ``None``; sites are validated."""
+    from .hooks import resolve_sites
+    from .models import layer_names
+    from .models.dropout import ExampleTiedDropout
+
+    if cfg.example_tied_dropout is None:
+        return None
+    spec = dict(cfg.example_tied_dropout)
+    sites = spec.pop("sites", None) or layer_names(model)[-2:-1]
+    resolve_sites(model, sites)
+    return ExampleTiedDropout(sites, int(data.example_id.max()) + 1, seed=cfg.seed, **spec)
 
 
 def _step_factor(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
@@ -491,7 +541,7 @@ def _step_factor(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
 
 
 def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame, model: nn.Module,
-              history: list[dict], seconds: float) -> None:
+              history: list[dict], seconds: float, etd=None) -> None:
     dyndir = out / "dynamics"
     parts = sorted(dyndir.glob("epoch_*.parquet"))
     if parts:
@@ -500,8 +550,14 @@ def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame
         save_result(make_result(dyn, seed=cfg.seed, config=cfg.to_dict()), out / "dynamics.parquet")
     shutil.rmtree(dyndir, ignore_errors=True)
     model.eval()
-    final = evaluate(model, data, cfg.eval_batch_size)
+    final = evaluate(model, data, cfg.eval_batch_size, etd=etd)
     acc = group_accuracy(final, examples)
+    etd_summary = None
+    if etd is not None:
+        etd_summary = {"settings": etd.to_dict()}
+        for mode in ("own", "expect", "drop"):
+            etd_summary[mode] = group_accuracy(evaluate(model, data, cfg.eval_batch_size, etd=etd, etd_mode=mode),
+                                               examples)
     noisy = examples[examples.group == "noisy"]
     orig = final.merge(noisy[["example_id", "original_label"]], on="example_id")
     fit_epoch = next((h["epoch"] for h in history if h["train"] >= 1.0), None)
@@ -515,6 +571,8 @@ def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame
         "chance": 1.0 / data.num_classes, "threads": torch.get_num_threads(), "config": cfg.to_dict(),
         "history": history,
     }
+    if etd_summary is not None:
+        summary["example_tied_dropout"] = etd_summary
     write_json(summary, out / "summary.json")
 
 

@@ -40,3 +40,18 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, args, msg):
 def test_summary_of_a_non_run(tmp_path, capsys):
     assert main(["summary", str(tmp_path)]) == 2
     assert "is not a memloc run" in capsys.readouterr().err
+
+
+def test_locate_cli_writes_tables_and_figures(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=[64]", "--epochs", "4",
+                 "--stop-at", "0", "--quiet", "--example-tied-dropout", "--out", run]) == 0
+    for method, extra in [("rewind", ["--epochs", "0,2"]), ("retrain", ["--max-epochs", "1"]),
+                          ("ablate", ["--n-per-group", "4"]), ("dropout", [])]:
+        assert main(["locate", run, "--method", method, "--quiet", *extra]) == 0, method
+        out = capsys.readouterr().out
+        assert "settings:" in out and "seed" in out
+        assert (tmp_path / "r" / "locate" / f"{method}.parquet").exists()
+        assert (tmp_path / "r" / "locate" / f"{method}.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["locate", run, "--method", "rewind", "--layers", "layers.9", "--quiet"]) == 2
+    assert "no layer 'layers.9'" in capsys.readouterr().err

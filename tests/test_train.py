@@ -18,9 +18,9 @@ def _bits_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, small_config):
-    return train(small_config, tmp_path_factory.mktemp("runs") / "a", progress=False)
+@pytest.fixture
+def run(small_run):
+    return small_run
 
 
 def test_fits_noisy_labels_and_writes_a_complete_run(run):

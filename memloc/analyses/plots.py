@@ -14,9 +14,6 @@ def plot_learning_curves(dynamics: pd.DataFrame, examples: pd.DataFrame, title: 
         examples: a run's ``examples.parquet`` (example_id, group, ...).
     Left: accuracy (noisy examples reaching 1.0 = memorized). Right: mean loss per group, log scale.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     source = "eval" if (dynamics.source == "eval").any() else "minibatch"
@@ -38,3 +35,112 @@ def plot_learning_curves(dynamics: pd.DataFrame, examples: pd.DataFrame, title: 
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _settings_line(df: pd.DataFrame, keys: list[str]) -> str:
+    s = df.attrs.get("settings", {})
+    cfg = s.get("config", {})
+    base = (f"{cfg.get('model', '?')} on {cfg.get('dataset', '?')}, {cfg.get('noise', 0):.0%} flipped, "
+            f"seed {cfg.get('seed', '?')}") if cfg else ""
+    extra = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
+    return "; ".join(x for x in (base, extra) if x)
+
+
+def plot_rewind(df: pd.DataFrame):
+    """Heatmaps layer x rewind epoch of noisy (vs flipped labels) and clean accuracy, from :func:`rewind_layers`."""
+    import matplotlib.pyplot as plt
+
+    d = df[df.layer != "none"]
+    layers = list(dict.fromkeys(d.layer))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(layers) + 2.2), constrained_layout=True)
+    for ax, group in zip(axes, ("noisy", "clean", "test")):
+        t = d[d.group == group].pivot(index="layer", columns="epoch", values="accuracy").loc[layers]
+        im = ax.imshow(t.values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        step = max(1, t.shape[1] // 15)
+        ax.set_xticks(range(0, t.shape[1], step), t.columns[::step], fontsize=7)
+        ax.set_yticks(range(len(layers)), layers, fontsize=8)
+        ax.set(xlabel="rewound to epoch", title=f"{group} accuracy" + (" (flipped labels)" if group == "noisy" else ""))
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle("Layer rewinding: " + _settings_line(df, ["include_buffers"]), fontsize=9)
+    return fig
+
+
+def plot_retrain(df: pd.DataFrame):
+    """Noisy and clean accuracy per retraining epoch, one curve per reset layer, from :func:`retrain_layers`."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    for layer, d in df.groupby("layer", sort=False):
+        for ax, group in zip(axes, ("noisy", "clean")):
+            c = d[d.group == group]
+            ax.plot(c.epoch, c.accuracy, marker="o", ms=3, label=layer)
+    axes[0].set(title="noisy examples (vs flipped labels)", xlabel="retraining epoch (clean examples only)",
+                ylabel="accuracy", ylim=(-0.02, 1.02))
+    axes[1].set(title="clean examples", xlabel="retraining epoch", ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=7, title="reset layer")
+    fig.suptitle("Layer retraining: " + _settings_line(df, ["optimizer", "lr", "max_epochs"]), fontsize=9)
+    return fig
+
+
+def plot_ablation(df: pd.DataFrame):
+    """Units zeroed to flip clean vs noisy examples, and the layers those units are in, from :func:`greedy_flip`."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
+    top = int(df.n_units.max()) if len(df) else 1
+    bins = np.arange(0, top + 2) - 0.5
+    for group in ("clean", "noisy"):
+        d = df[df.group == group]
+        if len(d):
+            axes[0].hist(d.n_units, bins=bins, alpha=0.6, color=GROUP_COLORS[group],
+                         label=f"{group} (median {d.n_units.median():g}, n={len(d)})")
+            axes[2].scatter(d.n_units + np.random.default_rng(0).uniform(-0.2, 0.2, len(d)), d.test_acc_change,
+                            s=8, alpha=0.6, color=GROUP_COLORS[group], label=group)
+    axes[0].set(xlabel="units zeroed to flip the prediction", ylabel="examples")
+    axes[0].legend(fontsize=8)
+    layers = list(df.attrs.get("settings", {}).get("layers", [])) or sorted({l for ls in df.unit_layers for l in ls})
+    width = 0.4
+    for k, group in enumerate(("clean", "noisy")):
+        counts = pd.Series([l for ls in df[df.group == group].unit_layers for l in ls]).value_counts()
+        frac = counts.reindex(layers, fill_value=0) / max(1, counts.sum())
+        axes[1].bar(np.arange(len(layers)) + (k - 0.5) * width, frac.values, width, color=GROUP_COLORS[group],
+                    label=group)
+    axes[1].set_xticks(range(len(layers)), layers, rotation=30, fontsize=8)
+    axes[1].set(ylabel="fraction of zeroed units", title="where the units are")
+    axes[1].legend(fontsize=8)
+    axes[2].axhline(0, color="grey", lw=0.8)
+    axes[2].set(xlabel="units zeroed", ylabel="test accuracy change", title="cost of the flip")
+    fig.suptitle("Greedy neuron ablation: " + _settings_line(df, ["batch_size", "keep_weight", "noise_samples",
+                                                                  "max_units"]), fontsize=9)
+    return fig
+
+
+def plot_dropout(df: pd.DataFrame):
+    """Bar chart of accuracy per group with memorization units kept (own mask / expectation) or dropped."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    modes = list(dict.fromkeys(df["mode"]))
+    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+        d = df[df["mode"] == mode].set_index("group").reindex(["clean", "noisy", "test"])
+        bars = ax.bar(np.arange(3) + (k - (len(modes) - 1) / 2) * width, d.accuracy, width, label=mode)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(3), ["clean", "noisy (flipped labels)", "test"])
+    ax.set(ylabel="accuracy", ylim=(0, 1.1))
+    ax.legend(title="memorization units", fontsize=8)
+    ax.set_title("Example-tied dropout: " + _settings_line(df, ["sites", "p_fixed", "p_mem"]), fontsize=9)
+    return fig
+
+
+def save_figure(fig, path) -> None:
+    """Write a figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    from ..results import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

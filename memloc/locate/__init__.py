@@ -1,2 +1,16 @@
-"""Where is memorization stored? Layer rewinding and retraining, greedy neuron ablation, example-tied dropout,
-knowledge neurons and causal tracing (issues 3 and 6)."""
+"""Where is memorization stored?
+
+- :func:`rewind_layers`: put one layer back to an earlier checkpoint; does memorization survive?
+- :func:`retrain_layers`: reset one layer, freeze the rest, retrain on clean examples; does it come back?
+- :func:`greedy_flip` / :func:`ablate_examples`: how many units must be zeroed to flip an example?
+- :func:`dropout_accuracies`: example-tied dropout, memorization units kept or dropped.
+
+Knowledge neurons and causal tracing for language models come with issue 6.
+"""
+from .ablate import ablate_examples, find_units, greedy_flip, summarize_flips
+from .dropout import dropout_accuracies
+from .retrain import retrain_layer, retrain_layers
+from .rewind import default_rewind_epochs, rewind_layers
+
+__all__ = ["ablate_examples", "find_units", "greedy_flip", "summarize_flips", "dropout_accuracies", "retrain_layer",
+           "retrain_layers", "default_rewind_epochs", "rewind_layers"]
