@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/train_default.py
 	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/ablate.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

@@ -117,14 +117,16 @@ def _locate(a: argparse.Namespace) -> None:
         fig = plots.plot_rewind(df)
         first = locate.rewind.before_memorization_epoch(run, sorted(set(df.epoch[df.layer != "none"])))
         t = df[(df.epoch == first) | (df.layer == "none")].pivot_table(index="layer", columns="group",
-                                                                        values="accuracy", sort=False)
+                                                                        values="accuracy").reindex(
+            index=["none"] + df.attrs["settings"]["layers"], columns=["clean", "noisy", "test"])
         text = (f"accuracy with each layer rewound to epoch {first}, the first at which >=90% of clean examples "
                 f"were fit (layer 'none' = final model):\n{t.round(3)}")
     elif a.method == "retrain":
         df = locate.retrain_layers(run, layers, max_epochs=a.max_epochs, seed=a.seed, progress=progress)
         fig = plots.plot_retrain(df)
         last = df.sort_values("epoch").groupby(["layer", "group"], sort=False).tail(1)
-        t = last.pivot_table(index="layer", columns="group", values="accuracy", sort=False)
+        t = last.pivot_table(index="layer", columns="group", values="accuracy").reindex(
+            index=df.attrs["settings"]["layers"], columns=["clean", "noisy", "test"])
         text = ("accuracy after resetting each layer and retraining it on clean examples (others frozen):\n"
                 f"{t.round(3)}")
     elif a.method == "ablate":

@@ -123,7 +123,10 @@ def _masked_forward(model: nn.Module, units: Units, keep: torch.Tensor, x: torch
                     mk = mask.repeat(reps, 1) if reps > 1 else mask
                     out = out * mk.view(mk.shape + (1,) * (out.ndim - 2))
                 if store is not None:
-                    out.retain_grad()
+                    if out.requires_grad:
+                        out.retain_grad()
+                    else:  # parameters are frozen in the batched search: start the graph here
+                        out = out.detach().requires_grad_(True)
                     store.setdefault(layer, []).append(out)
                 return out
             fns[sub] = fn
@@ -152,6 +155,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
     flipped = torch.zeros(T, dtype=torch.bool)
     final_pred = torch.full((T,), -1, dtype=torch.long)
     bar = tqdm(total=T, desc="greedy ablation", disable=not progress, leave=False)
+    rows_done = 0
     x_all, y_all = _rows_for(None, train, pos, ids, m, seed)
     rows_per = m + 1
     step = 0
@@ -169,6 +173,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
             else:
                 xin = x
             store: dict = {}
+            rows_done += len(xin)
             logits = _masked_forward(model, units, krow, xin, store, reps=max(1, noise_samples))
             if noise_samples:
                 logits = logits.view(noise_samples, len(x), -1).mean(0)
@@ -207,7 +212,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
                     zeroed[t].append(int(best[j]))
         step += 1
     bar.close()
-    return zeroed, flipped, final_pred, keep
+    return zeroed, flipped, final_pred, keep, rows_done
 
 
 
@@ -278,7 +283,7 @@ def _accuracy_changes(model, units, keep, data, eval_size, seed, max_rows):
             sub = sub.subset(torch.randperm(len(sub), generator=seeded_generator(seed, 3))[:eval_size].sort().values)
         with torch.no_grad():
             base = (model(sub.x).argmax(1) == sub.y).double().mean()
-            per = max(1, max_rows * 4 // max(1, len(sub)))
+            per = max(1, max_rows // max(1, len(sub)))
             accs = []
             for chunk in torch.arange(len(keep)).split(per):
                 krow = keep[chunk].repeat_interleave(len(sub), 0)
@@ -337,13 +342,16 @@ def greedy_flip(model: nn.Module, data: Dataset, example_ids: Sequence[int], *, 
               max_units=max_units, seed=seed)
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
-        p.requires_grad_(True)
+        # the loop needs parameter gradients; the batched path only activation gradients (weight gradients
+        # would cost as much as the forward pass and go unused)
+        p.requires_grad_(method == "loop")
     try:
         if method == "batched":
-            zeroed, flipped, final_pred, keep = _batched_search(model, units, train, pos, ids, y_t,
+            zeroed, flipped, final_pred, keep, rows_done = _batched_search(model, units, train, pos, ids, y_t,
                                                                 max_rows=max_rows, progress=progress, **kw)
         else:
             zeroed, flipped, final_pred = _loop_search(model, units, train, pos, ids, y_t, progress=progress, **kw)
+            rows_done = None
             keep = torch.ones(len(ids), units.total, dtype=torch.bool)
             for t, z in enumerate(zeroed):
                 keep[t, z] = False
@@ -369,7 +377,7 @@ def greedy_flip(model: nn.Module, data: Dataset, example_ids: Sequence[int], *, 
     return make_result(df, method="greedy_flip", implementation=method, layers=units.layers,
                        units_per_layer=dict(zip(units.layers, units.sizes)), batch_size=batch_size,
                        keep_weight=keep_weight, noise_samples=noise_samples, noise_scale=noise_scale,
-                       max_units=max_units, eval_size=eval_size, seed=seed)
+                       max_units=max_units, eval_size=eval_size, seed=seed, search_rows=rows_done)
 
 
 def ablate_examples(run, n_per_group: int = 100, groups: Sequence[str] = ("clean", "noisy"), seed: int = 0,
