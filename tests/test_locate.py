@@ -218,3 +218,34 @@ def test_dropping_memorization_units_removes_memorized_labels(tmp_path):
     with pytest.raises(ValueError, match="without example-tied dropout"):
         dropout_accuracies(train({"dataset": "digits", "model": "mlp", "epochs": 1}, tmp_path / "plain",
                                  progress=False))
+
+
+@pytest.mark.parametrize("kind", ["resnet9", "user"])
+def test_batched_equals_loop_on_resnet9_and_user_models(kind):
+    from torch import nn
+
+    from memloc.data import from_arrays
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "resnet9":
+        model = build_model("resnet9", (3, 12, 12), 4, seed=0, width=0.0625)
+        x = torch.randn(40, 3, 12, 12, generator=g)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+        x = torch.randn(40, 6, generator=g)
+    model = model.double()
+    y = torch.randint(0, 4, (40,), generator=g)
+    # make BatchNorm statistics non-trivial, then evaluate
+    model.train()
+    with torch.no_grad():
+        model(x.double())
+    model.eval()
+    with torch.no_grad():
+        y = model(x.double()).argmax(1)  # targets start correctly classified
+    data = from_arrays(x.double().numpy(), y.numpy(), num_classes=4)
+    data = replace(data, x=data.x.double())
+    ids = list(range(8))
+    a = greedy_flip(model, data, ids, batch_size=8, progress=False, eval_size=0, max_rows=24)
+    b = greedy_flip(model, data, ids, batch_size=8, progress=False, eval_size=0, method="loop")
+    assert list(a.units) == list(b.units) and a.n_units.sum() > 0
