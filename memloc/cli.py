@@ -154,6 +154,69 @@ def _locate(a: argparse.Namespace) -> None:
     print(f"wrote {out / (a.method + '.parquet')} and {out / (a.method + '.png')}")
 
 
+def _probe(a: argparse.Namespace) -> None:
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from .analyses import plots, probes
+    from .results import save_result
+    from .train import Run
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    other = Run(a.against) if a.against else None
+    for r in (run, other):
+        if r is not None and not r.finished:
+            raise ValueError(f"{r.path} is not finished; rerun its `memloc train` command to complete it first.")
+    out = Path(a.out) if a.out else run.path / "probe"
+    kw = dict(max_examples=a.max_examples, seed=a.seed)
+    progress = not a.quiet
+    c = run.config
+    print(f"run A: {run.path} ({c.model} on {c.dataset}, {c.noise:.0%} flipped, seed {c.seed}); "
+          f"{a.max_examples} examples per analysis, seed {a.seed}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # CCA small-sample warnings: the docs say when to worry
+        heat = probes.compare_layers(run, other, a.method, progress=progress, **kw)
+        same = None
+        if other is not None:
+            same = pd.concat([probes.compare_layers(run, other, m, cross=False, progress=progress, **kw)
+                              for m in ("cka", "svcca", "pwcca")], ignore_index=True)
+            same.attrs = heat.attrs
+            save_result(same, out / "same_layer.parquet")
+            t = same.pivot(index="layer_a", columns="method", values="similarity").loc[list(dict.fromkeys(same.layer_a))]
+            print(f"run B: {other.path} ({other.config.noise:.0%} flipped, seed {other.config.seed})\n"
+                  f"similarity of A and B at the same layer:\n{t.round(3)}")
+        save_result(heat, out / "similarity.parquet")
+        plots.save_figure(plots.plot_layer_similarity(heat, same), out / "similarity.png")
+        epochs = run.epochs
+        pick = sorted(set(np.linspace(0, len(epochs) - 1, min(10, len(epochs))).round().astype(int)))
+        dyn = probes.checkpoint_similarity(run, "svcca", epochs=[epochs[i] for i in pick], progress=progress, **kw)
+    save_result(dyn, out / "dynamics.parquet")
+    plots.save_figure(plots.plot_checkpoint_similarity(dyn), out / "dynamics.png")
+    print(f"SVCCA of each layer with its final state:\n"
+          f"{dyn.pivot(index='layer', columns='epoch', values='similarity').round(3)}")
+    dim = probes.layer_dimensions(run, estimator=a.estimator, **kw)
+    save_result(dim, out / "dimension.parquet")
+    plots.save_figure(plots.plot_layer_dimensions(dim), out / "dimension.png")
+    print(f"intrinsic dimension ({a.estimator}) by layer and group:\n"
+          f"{dim.pivot(index='layer', columns='group', values='dimension').round(2)}")
+    knn = probes.knn_probe(run, **kw)
+    save_result(knn, out / "knn.parquet")
+    plots.save_figure(plots.plot_knn_probe(knn), out / "knn.png")
+    print(f"10-NN probe fitted on clean examples:\n"
+          f"{knn.pivot_table(index='layer', columns=['group', 'target'], values='accuracy').round(3)}")
+    if (run.examples.group == "noisy").any():
+        nc = probes.neural_collapse_memorization(run, epochs=[epochs[i] for i in pick])
+        save_result(nc, out / "collapse.parquet")
+        plots.save_figure(plots.plot_neural_collapse(nc), out / "collapse.png")
+        print(f"neural-collapse memorization (penultimate features):\n{nc.round(3).to_string(index=False)}")
+    print(f"wrote {out}/ (similarity, dynamics, dimension, knn, collapse: .parquet and .png)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("probe", help="what memorizing layers look like: similarity, dimension, k-NN probes")
+    p.add_argument("run", help="a finished run folder (model A)")
+    p.add_argument("--against", default=None,
+                   help="a second run on the same data (model B, e.g. trained with --noise 0 and the same seed)")
+    p.add_argument("--method", default="cka", choices=["cka", "cca", "svcca", "pwcca"],
+                   help="similarity for the layer x layer heatmap (default cka)")
+    p.add_argument("--max-examples", type=int, default=2000, help="examples sampled per analysis (%(default)s)")
+    p.add_argument("--estimator", default="twonn", choices=["twonn", "mle"])
+    p.add_argument("--out", default=None, help="folder for tables and figures (default RUN/probe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print summary.json as is")
@@ -193,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             _investigate(a)
         elif a.command == "locate":
             _locate(a)
+        elif a.command == "probe":
+            _probe(a)
         elif a.command == "summary":
             from .train import Run, format_summary
 

@@ -221,7 +221,7 @@ def batched_forward(model: nn.Module, data, batch_size: int = 512, progress: boo
 
 def capture(model: nn.Module, data, sites: str | Sequence[str], batch_size: int = 512,
             progress: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            ) -> dict[str, torch.Tensor]:
+            inputs: bool = False) -> dict[str, torch.Tensor]:
     """Activations of ``sites`` for every example of ``data``, computed batch by batch.
 
     Args:
@@ -230,6 +230,8 @@ def capture(model: nn.Module, data, sites: str | Sequence[str], batch_size: int 
         batch_size: the memory knob.
         reduce: optional ``fn(activation_batch) -> smaller tensor`` applied per batch before storing
             (e.g. ``lambda a: a[:, -1]`` for the last token, or ``lambda a: a.flatten(1)``).
+        inputs: capture what goes *into* each site (its first positional input) instead of its output, e.g.
+            the penultimate features entering a classifier head.
     Returns ``{site: tensor [N, ...]}`` on the CPU in the order of ``data``. The model must be in eval mode.
     """
     require_eval(model, "Activation capture")
@@ -245,7 +247,17 @@ def capture(model: nn.Module, data, sites: str | Sequence[str], batch_size: int 
             store[name].append((reduce(a) if reduce else a).cpu())
         return fn
 
-    with hooks(model, {n: keeper(n) for n in names}):
-        for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
-            pass
+    if inputs:
+        mods = resolve_sites(model, names)
+        handles = [m.register_forward_pre_hook(lambda mod, inp, fn=keeper(n): fn(inp[0])) for n, m in mods.items()]
+        try:
+            for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        with hooks(model, {n: keeper(n) for n in names}):
+            for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
+                pass
     return {n: torch.cat(v) if v else torch.empty(0) for n, v in store.items()}

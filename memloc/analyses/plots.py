@@ -144,3 +144,102 @@ def save_figure(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_layer_similarity(df: pd.DataFrame, same_layer: pd.DataFrame | None = None):
+    """Heatmap of layer x layer similarity (from ``compare_layers(cross=True)``), and optionally a line per
+    method of same-layer similarity (from ``compare_layers(cross=False)`` results concatenated)."""
+    import matplotlib.pyplot as plt
+
+    la, lb = list(dict.fromkeys(df.layer_a)), list(dict.fromkeys(df.layer_b))
+    t = df.pivot(index="layer_a", columns="layer_b", values="similarity").loc[la, lb]
+    ncols = 2 if same_layer is not None else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2), constrained_layout=True, squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(t.values, vmin=0, vmax=1, cmap="magma")
+    for i in range(len(la)):
+        for j in range(len(lb)):
+            ax.text(j, i, f"{t.values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if t.values[i, j] < 0.6 else "black")
+    s = df.attrs.get("settings", {})
+    ax.set_xticks(range(len(lb)), lb, rotation=30, fontsize=8)
+    ax.set_yticks(range(len(la)), la, fontsize=8)
+    ax.set(xlabel=f"B: noise {s.get('config_b', {}).get('noise', '?')}", ylabel=f"A: noise {s.get('config', {}).get('noise', '?')}",
+           title=f"{s.get('method', '')} between layers ({s.get('n_examples', '?')} examples)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    if same_layer is not None:
+        ax = axes[0, 1]
+        for method, d in same_layer.groupby("method", sort=False):
+            ax.plot(d.layer_a, d.similarity, marker="o", label=method)
+        ax.set(ylim=(0, 1.02), xlabel="layer", ylabel="similarity of A and B at the same layer",
+               title="same layer, A vs B")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(_settings_line(df, ["split", "seed"]), fontsize=9)
+    return fig
+
+
+def plot_checkpoint_similarity(df: pd.DataFrame):
+    """Similarity of each layer with its final state across checkpoints (``checkpoint_similarity``)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
+    for layer, d in df.groupby("layer", sort=False):
+        ax.plot(d.epoch, d.similarity, marker="o", ms=3, label=layer)
+    m = df.attrs.get("settings", {}).get("method", "")
+    ax.set(xlabel="epoch", ylabel=f"{m} with the final model", ylim=(0, 1.02), title="which layers settle first")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(_settings_line(df, ["n_examples"]), fontsize=9)
+    return fig
+
+
+def plot_layer_dimensions(df: pd.DataFrame):
+    """Intrinsic dimension per layer for all / clean / noisy examples (``layer_dimensions``)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
+    colors = {"all": "black", **GROUP_COLORS}
+    for g, d in df.groupby("group", sort=False):
+        ax.plot(d.layer, d.dimension, marker="o", color=colors.get(g), label=f"{g} (n={int(d.n_points.max())})")
+    est = df.attrs.get("settings", {}).get("estimator", "")
+    ax.set(xlabel="layer", ylabel=f"intrinsic dimension ({est})", title="intrinsic dimension by layer")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(_settings_line(df, ["max_examples"]), fontsize=9)
+    return fig
+
+
+def plot_knn_probe(df: pd.DataFrame):
+    """k-NN probe accuracy per layer (``knn_probe``): test examples, and noisy examples against their original
+    and their flipped labels."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
+    styles = {("test", "true"): ("test (true label)", GROUP_COLORS["test"], "-"),
+              ("noisy", "original"): ("noisy vs original label", GROUP_COLORS["noisy"], "-"),
+              ("noisy", "flipped"): ("noisy vs flipped label", GROUP_COLORS["noisy"], "--")}
+    for (g, t), d in df.groupby(["group", "target"], sort=False):
+        label, color, ls = styles[(g, t)]
+        ax.plot(d.layer, d.accuracy, marker="o", color=color, ls=ls, label=label)
+    k = df.attrs.get("settings", {}).get("k", "")
+    ax.set(xlabel="layer", ylabel=f"{k}-NN accuracy (fit on clean examples)", ylim=(-0.02, 1.02),
+           title="where class structure is lost for memorized examples")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(_settings_line(df, ["n_fit"]), fontsize=9)
+    return fig
+
+
+def plot_neural_collapse(df: pd.DataFrame):
+    """Mean distance of penultimate features to the mean test feature of the true class, noisy vs clean."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
+    ax.plot(df.epoch, df["mean"], marker="o", color=GROUP_COLORS["noisy"], label="noisy (flipped) examples")
+    ax.plot(df.epoch, df.clean_mean, marker="o", color=GROUP_COLORS["clean"], label="clean examples")
+    ax.set(xlabel="epoch", ylabel="distance to true-class test mean", title="neural-collapse memorization")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(_settings_line(df, []), fontsize=9)
+    return fig
