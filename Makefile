@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/train_default.py
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/ablate.py
+	$(PY) benchmarks/probes.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

@@ -67,24 +67,18 @@ def _centre(a: np.ndarray) -> np.ndarray:
     return a - a.mean(0, keepdims=True)
 
 
-def _whitener(cov: np.ndarray) -> tuple[np.ndarray, int]:
-    """``W`` with ``W.T @ cov @ W = I`` on the non-null space (p x rank), and the rank."""
+def _whitener(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, V)``: ``W = V diag(1/sqrt(lambda))`` over the non-null eigenvectors ``V`` of ``cov``, so that
+    ``W.T @ cov @ W = I``."""
     evals, evecs = np.linalg.eigh(cov)
     keep = evals > _TOL * max(evals.max(), 0.0) if evals.size else np.zeros(0, bool)
-    return evecs[:, keep] / np.sqrt(evals[keep]), int(keep.sum())
+    return evecs[:, keep] / np.sqrt(evals[keep]), evecs[:, keep]
 
 
-def _inv_sqrt(cov: np.ndarray) -> np.ndarray:
-    """Symmetric (pseudo-)inverse square root, as google/svcca computes it."""
-    evals, evecs = np.linalg.eigh(cov)
-    keep = evals > _TOL * max(evals.max(), 0.0)
-    inv = np.zeros_like(evals)
-    inv[keep] = 1 / np.sqrt(evals[keep])
-    return (evecs * inv) @ evecs.T
-
-
-def _cca(x: np.ndarray, y: np.ndarray, check: bool = True):
-    """Centred CCA: (coefficients, Wx @ u, Wy @ v, xc, yc) with ``xc @ Wx @ u`` the canonical variates."""
+def _cca(x: np.ndarray, y: np.ndarray, check: bool = True) -> dict:
+    """Centred CCA. Returns ``s`` (coefficients), ``ax``/``ay`` (``xc @ ax`` are the orthonormal canonical
+    variates), ``ux``/``uy`` (singular vectors in the eigenbases ``vx``/``vy``), covariances ``sxx``/``syy``,
+    and the centred matrices."""
     n, p1, p2 = len(x), x.shape[1], y.shape[1]
     if check:
         if n <= max(p1, p2):
@@ -96,18 +90,21 @@ def _cca(x: np.ndarray, y: np.ndarray, check: bool = True):
                           "gives large coefficients until n is many times p1+p2); consider SVCCA or CKA.",
                           stacklevel=3)
     xc, yc = _centre(x), _centre(y)
-    wx, rx = _whitener(xc.T @ xc)
-    wy, ry = _whitener(yc.T @ yc)
-    if rx == 0 or ry == 0:
-        return np.zeros(0), wx, wy, xc, yc
-    m = wx.T @ (xc.T @ yc) @ wy
+    sxx, syy = xc.T @ xc, yc.T @ yc
+    wx, vx = _whitener(sxx)
+    wy, vy = _whitener(syy)
+    out = {"xc": xc, "yc": yc, "sxx": sxx, "syy": syy, "vx": vx, "vy": vy}
+    if wx.shape[1] == 0 or wy.shape[1] == 0:
+        return {**out, "s": np.zeros(0)}
+    sxy = xc.T @ yc
+    m = wx.T @ sxy @ wy
     u, s, vt = np.linalg.svd(m, full_matrices=False)
-    return np.clip(s, 0.0, 1.0), wx @ u, wy @ vt.T, xc, yc
+    return {**out, "s": np.clip(s, 0.0, 1.0), "ax": wx @ u, "ay": wy @ vt.T, "sxy": sxy, "wx": wx, "wy": wy}
 
 
 def cca_coefficients(x, y) -> np.ndarray:
     """Canonical correlations (descending) between ``x [n, p1]`` and ``y [n, p2]`` (examples x features)."""
-    return _cca(*_pair(x, y))[0]
+    return _cca(*_pair(x, y))["s"]
 
 
 def mean_cca(x, y) -> float:
@@ -167,7 +164,7 @@ def svcca_details(x, y, keep_variance: float = 0.99, k: int | None = None,
                          "more examples than directions. Pass a smaller k.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = _cca(rx, ry, check=False)[0]
+        s = _cca(rx, ry, check=False)["s"]
     return {"svcca": float(s.mean()) if s.size else 0.0, "k_x": rx.shape[1], "k_y": ry.shape[1],
             "coefficients": s, "keep_variance": None if k is not None else keep_variance, "k": k,
             "variance": variance}
@@ -187,25 +184,26 @@ def pwcca(x, y, reference: bool = False) -> float:
     ``u^T (x - mean) + mean`` orthonormalised by QR, weights from the uncentred neurons (order-independent here).
     """
     x, y = _pair(x, y)
-    s, ax, ay, xc, yc = _cca(x, y)
+    r = _cca(x, y)
+    s = r["s"]
     if s.size == 0:
         return 0.0
-    use_x = x.shape[1] <= y.shape[1]
-    raw, cen, a = (x, xc, ax) if use_x else (y, yc, ay)
+    side = "x" if x.shape[1] <= y.shape[1] else "y"
+    raw, cen, cov, a = (x, r["xc"], r["sxx"], r["ax"]) if side == "x" else (y, r["yc"], r["syy"], r["ay"])
     if reference:
-        # google/svcca compute_pwcca, step by step, on the side with fewer features (the reference itself
-        # raises IndexError when that is the second argument)
-        other = yc if use_x else xc
-        isx = _inv_sqrt(cen.T @ cen)
-        isy = _inv_sqrt(other.T @ other)
-        u = np.linalg.svd(isx @ (cen.T @ other) @ isy)[0]
-        mu = raw.mean(0)
-        dirns = cen @ u + mu[None, :]  # reference: coef_x (acts - mean) + mean, neurons x datapoints
-        q = np.linalg.qr(dirns)[0]
-        weights = np.abs(q.T @ raw).sum(1)[:len(s)]
+        # google/svcca compute_pwcca on the side with fewer features (the reference raises IndexError when that
+        # is its second argument). Its "+ mean" makes the value depend on the signs LAPACK gives u, so u comes
+        # from the SVD of the very matrix the reference builds, isx @ sxy @ isy (from our eigendecompositions).
+        # The QR basis of the directions is obtained from a Cholesky factor instead (|weights| ignore signs).
+        isx, isy = r["wx"] @ r["vx"].T, r["wy"] @ r["vy"].T
+        arr = isx @ r["sxy"] @ isy if side == "x" else isy @ r["sxy"].T @ isx
+        u = np.linalg.svd(arr)[0]
+        dirns = cen @ u + raw.mean(0)[None, :]
+        chol = np.linalg.cholesky(dirns.T @ dirns)
+        weights = np.abs(np.linalg.solve(chol, dirns.T @ raw)).sum(1)[:len(s)]
     else:
-        h = cen @ a  # canonical variates, orthonormal columns
-        weights = np.abs(h.T @ cen).sum(1)
+        # canonical variates h = cen @ a are orthonormal, so sum_j |<h_i, x_j>| = |a^T cov|, no n-sized product
+        weights = np.abs(a.T @ cov).sum(1)
     weights = weights / weights.sum()
     return float((weights * s).sum())
 
