@@ -214,6 +214,11 @@ def _probe(a: argparse.Namespace) -> None:
         save_result(nc, out / "collapse.parquet")
         plots.save_figure(plots.plot_neural_collapse(nc), out / "collapse.png")
         print(f"neural-collapse memorization (penultimate features):\n{nc.round(3).to_string(index=False)}")
+    if run.config.noise >= 0.5:  # mostly random labels: the setting of Anagnostidis et al.
+        bm = probes.benign_memorization(run, **kw)
+        save_result(bm, out / "benign.parquet")
+        print("benign memorization: 10-NN accuracy on clean test data (original labels), init vs trained:\n"
+              f"{bm.pivot(index='layer', columns='epoch', values='accuracy').round(3)}")
     print(f"wrote {out}/ (similarity, dynamics, dimension, knn, collapse: .parquet and .png)")
 
 
