@@ -1,0 +1,146 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from memloc.analyses.privacy import membership_inference, roc_summary
+from memloc.analyses.scores import (DIRECTION, agreement, all_scores, auroc_table, cscore, curvature,
+                                    dynamics_scores, feldman_zhang, fz_influence, input_gradient_norms,
+                                    trajectory_scores)
+from memloc.ensemble import Ensemble, subset_masks, train_ensemble
+
+
+def test_trajectory_scores_on_hand_written_trajectories():
+    c = np.array([[1, 0, 1, 0],   # learned, forgotten twice, wrong at the end
+                  [0, 0, 0, 0],   # never learned: counts as 4 events
+                  [0, 1, 1, 1],   # learned at epoch 2 and kept
+                  [1, 1, 0, 1],   # one forgetting event, stays learned from epoch 4
+                  [1, 1, 1, 1]], bool)
+    loss = np.arange(20, dtype=float).reshape(5, 4)
+    t = trajectory_scores(c, loss, np.full((5, 4), 0.5), np.array([1, 2, 3, 4]))
+    assert t["forgetting_events"].tolist() == [2, 4, 0, 1, 0]
+    assert t["first_learned_epoch"].tolist() == [5, 5, 2, 4, 1]
+    assert t["learning_speed"].tolist() == [0.5, 0.0, 0.75, 0.75, 1.0]
+    assert t["cumulative_loss"].tolist() == [6, 22, 38, 54, 70] and t["final_loss"].tolist() == [3, 7, 11, 15, 19]
+
+
+def test_curvature_of_a_quadratic_loss_is_analytic():
+    a = torch.tensor([0.5, 2.0, -1.0, 3.0], dtype=torch.float64)
+    model = nn.Identity().eval()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.zeros(7, dtype=torch.long)
+
+    def loss_fn(out, _):
+        return 0.5 * (a * out * out).sum(1)  # Hessian diag(a), for every example
+
+    sq = curvature(model, x, y, n_directions=5, h=1e-2, loss_fn=loss_fn)
+    assert torch.allclose(sq, (a ** 2).sum().expand(7))  # tr(H^2), exactly for diagonal H and Rademacher v
+    nm = curvature(model, x, y, n_directions=5, h=1e-2, form="norm", loss_fn=loss_fn)
+    assert torch.allclose(nm, (a ** 2).sum().sqrt().expand(7))
+    raw = curvature(model, x, y, n_directions=5, h=1e-2, normalize=False, loss_fn=loss_fn)
+    assert torch.allclose(raw, 1e-4 * (a ** 2).sum().expand(7))
+    with pytest.raises(ValueError, match="'form' parameter"):
+        curvature(model, x, y, form="cubic", loss_fn=loss_fn)
+
+
+def test_per_example_gradients_do_not_depend_on_the_batch(small_run):
+    model, data = small_run.model(), small_run.data().train
+    for p in model.parameters():
+        p.requires_grad_(False)
+    a = input_gradient_norms(model, data.x[:100], data.y[:100], batch_size=7)
+    b = input_gradient_norms(model, data.x[:100], data.y[:100], batch_size=1000)
+    assert torch.allclose(a, b, rtol=1e-5)  # a batch-mean loss would scale the 7-example batches' gradients
+    c1 = curvature(model, data.x[:30], data.y[:30], batch_size=11 * 3)
+    c2 = curvature(model, data.x[:30], data.y[:30], batch_size=11 * 30)
+    assert torch.allclose(c1, c2, rtol=1e-4)
+
+
+def test_run_scores_recover_flipped_labels(small_run):
+    s = all_scores(small_run, epochs=None, n_directions=4, progress=False)
+    assert len(s) == 1437 and set(s.group) == {"clean", "noisy"}
+    auc = auroc_table(s).set_index("score").auroc
+    assert auc["cumulative_loss"] > 0.9 and auc["curvature"] > 0.85
+    assert auc["cumulative_loss"] > auc["final_loss"]
+    assert set(auc.index) <= set(DIRECTION)
+    ag = agreement(s, reference="cumulative_loss")
+    assert (ag.set_index("score_b").pearson["learning_speed"]) > 0.5  # oriented: both say "memorized"
+
+
+def _fake_ensemble(masks, correct):
+    masks = np.asarray(masks, bool)
+    correct = np.asarray(correct, bool)
+    return Ensemble(masks=masks, train_ids=np.arange(masks.shape[1]), test_ids=np.arange(2),
+                    correct_train=correct, correct_test=correct[:, :2], phi_train=correct.astype(np.float32),
+                    phi_test=correct[:, :2].astype(np.float32), settings={"ratio": 0.5})
+
+
+def test_feldman_zhang_definition_and_missing_estimates():
+    masks = [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]]
+    correct = [[1, 1, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0]]
+    fz = feldman_zhang(_fake_ensemble(masks, correct))
+    # example 0 is in every subset, example 2 in none: no estimate, reported as NaN (not 0)
+    assert np.isnan(fz.fz_memorization[0]) and np.isnan(fz.fz_memorization[2])
+    assert fz.fz_memorization[1] == pytest.approx(1.0 - 0.0)
+    assert fz.acc_in[0] == pytest.approx(0.75) and fz.n_out[0] == 0
+    inf = fz_influence(_fake_ensemble(masks, correct))
+    assert np.isnan(inf[0]).all() and inf[1, 0] == pytest.approx(0.5 - 1.0)
+    cs = cscore([_fake_ensemble(masks, correct)])
+    assert np.isnan(cs.cscore[0]) and cs.cscore[2] == pytest.approx(0.25)
+
+
+def test_subset_masks():
+    m = subset_masks(10, 50, 0.7, seed=1)
+    assert (m.sum(1) == 35).all() and not np.array_equal(m[0], m[1])
+    b = subset_masks(8, 30, 0.5, seed=1, balanced=True)
+    assert (b.sum(0) == 4).all()
+    with pytest.raises(ValueError, match="'ratio' parameter"):
+        subset_masks(4, 10, 1.0)
+
+
+def test_batched_ensemble_equals_separately_trained_models(digits):
+    from memloc.data import inject_label_noise
+
+    data = inject_label_noise(digits, 0.1, seed=0)
+    data = replace(data, x=data.x.double())
+    torch.set_default_dtype(torch.float64)
+    try:
+        kw = dict(model_kwargs={"hidden": [16]}, epochs=2, batch_size=64, progress=False, return_states=True)
+        _, a = train_ensemble(data, 5, chunk=2, **kw)
+        _, b = train_ensemble(data, 5, method="loop", **kw)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for sa, sb in zip(a, b):
+        for k in sa:
+            assert torch.allclose(sa[k], sb[k], atol=1e-10, rtol=0), k
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_ensemble(data, 2, model="cnn1d", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ensemble(digits):
+    from memloc.data import inject_label_noise
+
+    data = inject_label_noise(digits, 0.1, seed=0)
+    return data, train_ensemble(data, 24, model_kwargs={"hidden": [256]}, lr=1e-2, batch_size=32, epochs=30,
+                                progress=False)
+
+
+def test_feldman_zhang_and_lira_on_flipped_labels(ensemble, tmp_path):
+    data, ens = ensemble
+    fz = feldman_zhang(ens, data)
+    assert fz[fz.group == "noisy"].fz_memorization.mean() > 0.5
+    assert fz[fz.group == "clean"].fz_memorization.median() < 0.1
+    assert auroc_table(fz).auroc.iloc[0] > 0.9
+    mi = membership_inference(ens, data, n_targets=4).set_index(["attack", "group"])
+    for attack in ("lira_online_fixed_variance", "loss"):
+        assert mi.loc[(attack, "noisy"), "tpr_at_1%_fpr"] > mi.loc[(attack, "clean"), "tpr_at_1%_fpr"]
+    back = Ensemble.load(ens.save(tmp_path / "e.safetensors"))
+    assert np.array_equal(back.masks, ens.masks) and np.array_equal(back.phi_train, ens.phi_train)
+    assert back.settings["n_models"] == 24
+
+
+def test_roc_summary():
+    s = roc_summary(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False]))
+    assert s["auc"] == 1.0 and s["tpr_at_1%_fpr"] == 1.0
