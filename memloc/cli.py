@@ -222,6 +222,87 @@ def _probe(a: argparse.Namespace) -> None:
     print(f"wrote {out}/ (similarity, dynamics, dimension, knn, collapse: .parquet and .png)")
 
 
+def _scores(a: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from .analyses import plots, privacy, scores
+    from .ensemble import train_ensemble
+    from .results import make_result, save_result
+    from .train import Run
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    if not run.finished:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    families = a.score or ["dynamics", "curvature", "ssft", "holdout"]
+    if "all" in families:
+        families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia"]
+    out = Path(a.out) if a.out else run.path / "scores"
+    progress = not a.quiet
+    c = run.config
+    print(f"run: {run.path} ({c.model} on {c.dataset}, {c.noise:.0%} flipped, seed {c.seed})")
+    table = scores.dynamics_scores(run)
+    settings = {"dynamics": table.attrs["settings"]}
+    if "curvature" in families:
+        epochs = [int(e) for e in a.epochs.split(",")] if a.epochs else None
+        ck = scores.checkpoint_scores(run, epochs, a.n_directions, a.h, a.form, seed=a.seed, progress=progress)
+        table = table.merge(ck.drop(columns="group"), on="example_id")
+        settings["checkpoints"] = {k: v for k, v in ck.attrs["settings"].items() if k != "config"}
+    if "ssft" in families:
+        sf = scores.second_split_forgetting(run, seed=a.seed, progress=progress)
+        table = table.merge(sf[["example_id", "ssft"]], on="example_id")
+        settings["ssft"] = {k: v for k, v in sf.attrs["settings"].items() if k != "config"}
+    if "holdout" in families:
+        ho = scores.holdout_retraining(run, seed=a.seed)
+        table = table.merge(ho[["example_id", "holdout_kl"]], on="example_id")
+        settings["holdout"] = {k: v for k, v in ho.attrs["settings"].items() if k != "config"}
+    data = run.data()
+    ens_kw = dict(model=a.ensemble_model, model_kwargs={"hidden": [256]} if a.ensemble_model == "mlp" and not
+                  a.ensemble_model_arg else _kv(a.ensemble_model_arg), epochs=a.ensemble_epochs,
+                  lr=a.ensemble_lr, batch_size=a.ensemble_batch_size, seed=a.seed, progress=progress)
+    mi = None
+    if "fz" in families or "mia" in families:
+        ens = train_ensemble(data, a.models, a.ratio, **ens_kw)
+        ens.save(out / "ensemble.safetensors")
+        fz = scores.feldman_zhang(ens)
+        table = table.merge(fz[["example_id", "fz_memorization"]], on="example_id")
+        settings["ensemble"] = ens.settings
+        if "mia" in families:
+            mi = privacy.membership_inference(ens, data)
+            save_result(mi, out / "membership_inference.parquet")
+    if "cscore" in families:
+        ens_list = [train_ensemble(data, a.cscore_models, r, **ens_kw) for r in np.round(np.arange(0.1, 1.0, 0.1), 1)]
+        cs = scores.cscore(ens_list)
+        table = table.merge(cs[["example_id", "cscore"]], on="example_id")
+        settings["cscore"] = cs.attrs["settings"]
+    table = make_result(table, run=str(run.path), config=c.to_dict(), **settings)
+    save_result(table, out / "scores.parquet")
+    auc = scores.auroc_table(table)
+    save_result(auc, out / "auroc.parquet")
+    plots.save_figure(plots.plot_score_histograms(table, auroc=auc), out / "histograms.png")
+    best = auc.score.iloc[0]
+    plots.save_figure(plots.plot_gallery(table, data, best), out / "gallery.png")
+    print(f"AUROC for recovering the {int((table.group == 'noisy').sum())} flipped labels among "
+          f"{len(table)} training examples:\n{auc[['score', 'auroc']].round(3).to_string(index=False)}")
+    ref = "fz_memorization" if "fz_memorization" in table else "cumulative_loss"
+    ag = scores.agreement(table, reference=ref)
+    save_result(ag, out / "agreement.parquet")
+    print(f"agreement with {ref} (scores oriented so that positive = agree on memorized):\n"
+          f"{ag[['score_b', 'pearson', 'spearman', 'cosine']].round(3).to_string(index=False)}")
+    if "fz_memorization" in table:
+        g = table.groupby("group").fz_memorization
+        print(f"Feldman-Zhang memorization ({a.models} models, ratio {a.ratio}): mean noisy "
+              f"{g.mean()['noisy']:.3f}, clean {g.mean()['clean']:.3f} (median {g.median()['clean']:.3f}); "
+              f"ensemble: {ens_kw['model']} {ens_kw['model_kwargs']}, {a.ensemble_epochs} epochs, lr {a.ensemble_lr}")
+    if mi is not None:
+        print("membership inference, TPR at 1% FPR (mean over 8 target models, the rest as shadows):\n"
+              f"{mi.pivot(index='attack', columns='group', values='tpr_at_1%_fpr').round(3)}")
+    print(f"wrote {out}/ (scores, auroc, agreement .parquet; histograms.png, gallery.png)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +343,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("scores", help="which examples are memorized: per-example scores and their AUROC")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--score", action="append",
+                   choices=["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia", "all"],
+                   help="score families (repeatable; default: dynamics, curvature, ssft, holdout; 'all' adds the "
+                        "ensemble ones: fz, cscore, mia)")
+    p.add_argument("--epochs", default=None, help="checkpoints for curvature/gradients (comma list; default all)")
+    p.add_argument("--n-directions", type=int, default=10, help="curvature: Rademacher directions (%(default)s)")
+    p.add_argument("--h", type=float, default=1e-3, help="curvature: step (%(default)s)")
+    p.add_argument("--form", default="squared", choices=["squared", "norm"],
+                   help="curvature: the paper's squared norm or the released code's norm")
+    p.add_argument("--models", type=int, default=128, help="fz/mia: models in the ensemble (%(default)s)")
+    p.add_argument("--ratio", type=float, default=0.7, help="fz/mia: subset ratio (%(default)s)")
+    p.add_argument("--cscore-models", type=int, default=16, help="cscore: models per ratio 0.1..0.9 (%(default)s)")
+    p.add_argument("--ensemble-model", default="mlp")
+    p.add_argument("--ensemble-model-arg", action="append", metavar="KEY=VALUE", help="default hidden=[256]")
+    p.add_argument("--ensemble-epochs", type=int, default=40)
+    p.add_argument("--ensemble-lr", type=float, default=1e-2)
+    p.add_argument("--ensemble-batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, help="folder for tables and figures (default RUN/scores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print summary.json as is")
@@ -276,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             _locate(a)
         elif a.command == "probe":
             _probe(a)
+        elif a.command == "scores":
+            _scores(a)
         elif a.command == "summary":
             from .train import Run, format_summary
 

@@ -144,3 +144,28 @@ def test_feldman_zhang_and_lira_on_flipped_labels(ensemble, tmp_path):
 def test_roc_summary():
     s = roc_summary(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False]))
     assert s["auc"] == 1.0 and s["tpr_at_1%_fpr"] == 1.0
+
+
+def test_second_split_forgetting_and_holdout_retraining(small_run):
+    from memloc.analyses.scores import holdout_retraining, second_split_forgetting
+
+    s = second_split_forgetting(small_run, forget_epochs=6, fit_epochs=30, progress=False)
+    assert s.ssft.between(1, 7).all() and len(s) == 1437
+    assert s[s.group == "noisy"].ssft.median() < s[s.group == "clean"].ssft.median()
+    h = holdout_retraining(small_run, epochs=2)
+    assert (h.holdout_kl >= -1e-12).all()
+    assert auroc_table(h).auroc.iloc[0] > 0.8
+
+
+def test_scores_cli(small_run, tmp_path, capsys):
+    from memloc.cli import main
+
+    out = tmp_path / "s"
+    assert main(["scores", str(small_run.path), "--score", "dynamics", "--score", "curvature", "--score", "fz",
+                 "--score", "mia", "--models", "6", "--ensemble-epochs", "3", "--epochs", "1,2",
+                 "--n-directions", "2", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "AUROC for recovering the 144 flipped labels" in text and "agreement with fz_memorization" in text
+    for name in ("scores.parquet", "auroc.parquet", "agreement.parquet", "membership_inference.parquet",
+                 "ensemble.safetensors", "histograms.png", "gallery.png"):
+        assert (out / name).exists(), name

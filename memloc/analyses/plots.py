@@ -243,3 +243,76 @@ def plot_neural_collapse(df: pd.DataFrame):
     ax.grid(alpha=0.3)
     fig.suptitle(_settings_line(df, []), fontsize=9)
     return fig
+
+
+def plot_score_histograms(scores: pd.DataFrame, columns=None, auroc: pd.DataFrame | None = None):
+    """One histogram per score, clean vs noisy examples (density), with the AUROC in the title if given."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .scores import DIRECTION
+
+    cols = [c for c in (columns or scores.columns) if c in DIRECTION and c in scores]
+    auc = auroc.set_index("score").auroc if auroc is not None and len(auroc) else {}
+    ncol = min(4, len(cols))
+    nrow = int(np.ceil(len(cols) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.7 * nrow), constrained_layout=True, squeeze=False)
+    for ax, col in zip(axes.flat, cols):
+        vals = scores[col].dropna()
+        lo, hi = np.percentile(vals, [0.5, 99.5]) if len(vals) else (0, 1)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+        for g in ("clean", "noisy"):
+            v = scores.loc[scores.group == g, col].dropna().clip(lo, hi)
+            if len(v):
+                ax.hist(v, bins=bins, density=True, alpha=0.55, color=GROUP_COLORS[g], label=g)
+        arrow = "high" if DIRECTION[col] > 0 else "low"
+        title = f"{col}" + (f"  AUROC {auc[col]:.3f}" if col in auc else "")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"memorized = {arrow}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Memorization scores: " + _settings_line(scores, []), fontsize=9)
+    return fig
+
+
+def plot_gallery(scores: pd.DataFrame, data, score: str, n: int = 8):
+    """The ``n`` most and ``n`` least memorized training examples by ``score``, drawn as signals (1-D inputs)
+    or images (2-D), titled with their given and original labels."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .scores import DIRECTION
+
+    d = scores.dropna(subset=[score]).copy()
+    d["_o"] = DIRECTION.get(score, 1) * d[score]
+    d = d.sort_values("_o")
+    picks = [("most memorized", d.tail(n)[::-1]), ("least memorized", d.head(n))]
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.8), constrained_layout=True, squeeze=False)
+    for r, (label, rows) in enumerate(picks):
+        sub = data.by_ids(rows.example_id.to_numpy())
+        for c in range(n):
+            ax = axes[r, c]
+            if c >= len(sub):
+                ax.axis("off")
+                continue
+            x = sub.x[c].squeeze().numpy()
+            side = int(round(np.sqrt(x.size)))
+            if x.ndim == 1 and data.name == "digits" and side * side == x.size:
+                x = x.reshape(side, side)  # flat 8x8 digits are images
+            if x.ndim == 1:
+                ax.plot(x, color="black", lw=1)
+                ax.set_yticks([])
+            else:
+                img = np.moveaxis(x, 0, -1) if x.ndim == 3 else x
+                ax.imshow((img - img.min()) / (np.ptp(img) + 1e-9), cmap="gray_r" if img.ndim == 2 else None)
+                ax.set_yticks([])
+            ax.set_xticks([])
+            given, orig = int(sub.y[c]), int(sub.original_label[c])
+            color = GROUP_COLORS["noisy"] if given != orig else "black"
+            ax.set_title(f"id {int(sub.example_id[c])}\nlabel {given}" + (f" (was {orig})" if given != orig else ""),
+                         fontsize=7, color=color)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"Most (top) and least (bottom) memorized by {score}; red = flipped label", fontsize=9)
+    return fig

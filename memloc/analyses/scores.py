@@ -33,7 +33,8 @@ from ..hooks import require_eval
 from ..results import make_result
 
 __all__ = ["DIRECTION", "dynamics_scores", "trajectory_scores", "input_gradient_norms", "curvature", "checkpoint_scores", "all_scores",
-           "auroc_table", "agreement", "feldman_zhang", "fz_influence", "cscore"]
+           "auroc_table", "agreement", "feldman_zhang", "fz_influence", "cscore", "second_split_forgetting",
+           "holdout_retraining"]
 
 DIRECTION = {"learning_speed": -1, "mean_confidence": -1, "forgetting_events": 1, "first_learned_epoch": 1,
              "cumulative_loss": 1, "final_loss": 1, "cumulative_gradient": 1, "curvature": 1,
@@ -211,9 +212,14 @@ def auroc_table(scores: pd.DataFrame, positive: str = "noisy", negative: str = "
                                                                  if k in ("run", "config", "epochs")})
 
 
+def _oriented(x: np.ndarray, name: str) -> np.ndarray:
+    return x if DIRECTION[name] > 0 else x.max() - x
+
+
 def agreement(scores: pd.DataFrame, reference: str | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Pearson, Spearman and cosine agreement between scores, each oriented by :data:`DIRECTION` (so positive
-    means they agree on which examples are memorized), over all examples where both exist.
+    means they agree on which examples are memorized), over all examples where both exist. A score where low
+    means memorized is oriented as ``max - x`` (keeps it non-negative for the cosine).
 
     With ``reference`` (e.g. ``"fz_memorization"``), only pairs with it. Cosine is on the raw oriented values,
     as the CSL paper reports it (it runs high for non-negative scores; read it next to Pearson).
@@ -226,7 +232,7 @@ def agreement(scores: pd.DataFrame, reference: str | None = None, columns: Seque
     rows = []
     for a, b in pairs:
         d = scores[[a, b]].dropna()
-        x, y = DIRECTION[a] * d[a].to_numpy(float), DIRECTION[b] * d[b].to_numpy(float)
+        x, y = _oriented(d[a].to_numpy(float), a), _oriented(d[b].to_numpy(float), b)
         rows.append({"score_a": a, "score_b": b, "pearson": float(pearsonr(x, y)[0]),
                      "spearman": float(spearmanr(x, y)[0]),
                      "cosine": float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))), "n": len(d)})
@@ -292,3 +298,95 @@ def cscore(ensembles, data=None) -> pd.DataFrame:
         df.insert(1, "group", data.by_ids(ids).group.astype(str))
     return make_result(df, scores="cscore", ratios=[e.settings.get("ratio") for e in ensembles],
                        models_per_ratio=[e.n_models for e in ensembles])
+
+
+# ----------------------------------------------------------------------------------------------- retraining scores
+
+def _fit(model, x, y, epochs, cfg, seed, stop_at_fit: int | None = None, on_epoch=None):
+    """Plain training loop used by SSFT and holdout retraining: the run's optimiser and batch size."""
+    import math
+
+    from ..train import _make_optimizer
+
+    opt = _make_optimizer(cfg, model)
+    streak = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for b in range(math.ceil(len(x) / cfg.batch_size)):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        if on_epoch is not None:
+            on_epoch(epoch)
+        if stop_at_fit is not None:
+            with torch.no_grad():
+                fit = bool((model(x).argmax(1) == y).all())
+            streak = streak + 1 if fit else 0
+            if streak >= stop_at_fit:
+                break
+    return model.eval()
+
+
+def second_split_forgetting(run, forget_epochs: int = 20, fit_epochs: int | None = None, seed: int = 0,
+                            progress: bool = True) -> pd.DataFrame:
+    """Second-split forgetting time (Maini et al. 2022).
+
+    The training examples are split in halves A and B (seeded). A fresh model (the run's architecture and
+    optimiser) is trained on A until it has fit A for 5 consecutive epochs (at most ``fit_epochs``, default the
+    run's epoch budget), then trained on B for ``forget_epochs`` epochs with a fresh optimiser; after each epoch
+    its predictions on A are recorded. ``ssft(i)`` is the first epoch after which i stays misclassified (against
+    its training label) to the end: 1..forget_epochs, or ``forget_epochs + 1`` if it is still correct at the end.
+    Then the halves swap. Low SSFT = forgotten fast = likely mislabeled. Columns: ``example_id, group, ssft``.
+    """
+    from ..models import build_model
+
+    cfg = run.config
+    data = run.data().train
+    fit_epochs = fit_epochs or cfg.epochs
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    halves = [perm[: len(data) // 2], perm[len(data) // 2:]]
+    ssft = np.zeros(len(data))
+    for k in tqdm(range(2), desc="second-split forgetting", disable=not progress, leave=False):
+        a, b = halves[k], halves[1 - k]
+        model = build_model(cfg.model, data.input_shape, data.num_classes, seed=seed * 7 + k, **cfg.model_kwargs)
+        _fit(model, data.x[a], data.y[a], fit_epochs, cfg, seed + k, stop_at_fit=5)
+        record = []
+
+        def on_epoch(_):
+            with torch.no_grad():
+                record.append((model(data.x[a]).argmax(1) == data.y[a]).numpy())
+
+        _fit(model, data.x[b], data.y[b], forget_epochs, cfg, seed + 10 + k, on_epoch=on_epoch)
+        correct = np.stack(record, 1)  # [|A|, E]
+        E = correct.shape[1]
+        last_correct = np.where(correct.any(1), E - 1 - np.argmax(correct[:, ::-1], axis=1), -1)
+        ssft[a.numpy()] = np.where(last_correct == E - 1, E + 1, last_correct + 2)
+    df = pd.DataFrame({"example_id": data.example_id.numpy(), "group": data.group.astype(str), "ssft": ssft})
+    return make_result(df, scores="ssft", forget_epochs=forget_epochs, fit_epochs=fit_epochs, seed=seed,
+                       run=str(run.path), config=cfg.to_dict())
+
+
+def holdout_retraining(run, epochs: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Holdout retraining (Carlini et al. 2019): fine-tune the final model on held-out examples (the test
+    split, true labels) for ``epochs`` epochs with the run's optimiser; ``holdout_kl(i)`` is the symmetric KL
+    divergence between the predictive distributions of the original and fine-tuned models on training example
+    i. Memorized examples move most. Columns: ``example_id, group, holdout_kl``."""
+    cfg = run.config
+    data = run.data()
+    train, held = data.train, data.test
+    if len(held) == 0:
+        raise ValueError("Holdout retraining needs held-out (test) examples; this run has none.")
+    before = run.model()
+    with torch.no_grad():
+        p = torch.log_softmax(before(train.x).double(), 1)
+    tuned = _fit(run.model(), held.x, held.y, epochs, cfg, seed)
+    with torch.no_grad():
+        q = torch.log_softmax(tuned(train.x).double(), 1)
+    kl = ((p.exp() * (p - q)).sum(1) + (q.exp() * (q - p)).sum(1)).numpy()
+    df = pd.DataFrame({"example_id": train.example_id.numpy(), "group": train.group.astype(str), "holdout_kl": kl})
+    return make_result(df, scores="holdout_retraining", epochs=epochs, seed=seed, held_out="test split",
+                       run=str(run.path), config=cfg.to_dict())
