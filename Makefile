@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/ablate.py
 	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/scores.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

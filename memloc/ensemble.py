@@ -121,10 +121,11 @@ def _check_bn(model: nn.Module) -> None:
 
 
 def _make_opt(name: str, params, lr: float, momentum: float, weight_decay: float):
+    # fused kernels: one pass over each stacked tensor (Adam's step was ~28% of ensemble time with foreach)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     raise ValueError(f"The 'optimizer' parameter must be 'sgd' or 'adam'. Got {name!r} instead.")
 
 
