@@ -269,6 +269,12 @@ def _scores(a: argparse.Namespace) -> None:
         ens.save(out / "ensemble.safetensors")
         fz = scores.feldman_zhang(ens)
         table = table.merge(fz[["example_id", "fz_memorization"]], on="example_id")
+        inf = scores.fz_influence(ens)
+        flat = np.nan_to_num(inf, nan=-np.inf).ravel()
+        top = np.argsort(flat)[::-1][:1000]
+        pairs = pd.DataFrame({"train_id": ens.train_ids[top // inf.shape[1]], "test_id": ens.test_ids[top % inf.shape[1]],
+                              "influence": flat[top]})
+        save_result(make_result(pairs, **ens.settings), out / "influence_top_pairs.parquet")
         settings["ensemble"] = ens.settings
         if "mia" in families:
             mi = privacy.membership_inference(ens, data)
