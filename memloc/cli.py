@@ -72,27 +72,18 @@ def _train_from_args(a: argparse.Namespace):
 
 
 def _investigate(a: argparse.Namespace) -> None:
-    """Train the testbed into OUT/run, then write OUT/summary.txt and OUT/learning_curves.png.
+    """The main job: the whole investigation into OUT (see memloc.report). Re-running resumes."""
+    import torch
 
-    Later issues grow this into the full investigation (scores, localisation, probes, an HTML page).
-    Re-running into the same folder resumes the run instead of starting over.
-    """
-    from .analyses.plots import plot_learning_curves
-    from .results import atomic_path
-    from .train import format_summary
+    from .report import investigate
 
-    report = Path(a.out)
-    a.out = str(report / "run")
-    run = _train_from_args(a)
-    text = format_summary(run.summary, run.path)
-    with atomic_path(report / "summary.txt") as tmp:
-        tmp.write_text(text + "\n")
-    c = run.config
-    fig = plot_learning_curves(run.dynamics, run.examples,
-                               title=f"{c.model} on {c.dataset}, {c.noise:.0%} flipped labels, seed {c.seed}")
-    with atomic_path(report / "learning_curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    print(f"report: {report}/ (summary.txt, learning_curves.png, run/)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    overrides = {"optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay, "schedule": a.schedule,
+                 "batch_size": a.batch_size, "epochs": a.epochs, "stop_at_train_acc": a.stop_at or None,
+                 "dataset_kwargs": _kv(a.data_arg), "model_kwargs": _kv(a.model_arg)}
+    investigate(a.out, dataset=a.dataset, model=a.model, noise=a.noise, seed=a.seed, train_overrides=overrides,
+                ablate_per_group=a.ablate_per_group, progress=not a.quiet)
 
 
 def _locate(a: argparse.Namespace) -> None:
@@ -316,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a model on noisy labels, with checkpoints and per-example dynamics")
     _add_train_args(p, default_out=None)
 
-    p = sub.add_parser("investigate", help="the main job: train the default memorization testbed and report")
+    p = sub.add_parser("investigate", help="the main job: train the testbed, score, locate, probe, write a report")
     _add_train_args(p, default_out="reports/default")
+    p.add_argument("--ablate-per-group", type=int, default=100, help="clean and noisy examples to flip (%(default)s)")
 
     p = sub.add_parser("locate", help="where is memorization stored? rewind | retrain | ablate | dropout")
     p.add_argument("run", help="a finished run folder")

@@ -582,7 +582,8 @@ def format_summary(summary: dict, path: str | Path | None = None) -> str:
     n = summary["n"]
     lines = [
         f"run: {path}" if path else None,
-        f"setting: {c['model']} {c['model_kwargs'] or ''} on {c['dataset']} {c['dataset_kwargs'] or ''}".replace("  ", " ") + f", {c['noise']:.0%} flipped labels "
+        "setting: " + " ".join(str(x) for x in (c['model'], c['model_kwargs'] or "", "on", c['dataset'],
+                                                 c['dataset_kwargs'] or "") if x != "") + f", {c['noise']:.0%} flipped labels "
         f"(noise_seed={c['noise_seed'] if c['noise_seed'] is not None else c['seed']}), seed={c['seed']}, "
         f"{c['optimizer']} lr={c['lr']} {c['schedule']}, batch {c['batch_size']}",
         f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s ({summary['threads']} threads); "

@@ -18,12 +18,22 @@ def test_train_and_summary(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 2
 
 
-def test_investigate_writes_a_report(tmp_path, capsys):
-    assert main(["investigate", *TINY, "--out", str(tmp_path / "rep")]) == 0
-    assert (tmp_path / "rep" / "run" / "summary.json").exists()
-    assert "test accuracy" in (tmp_path / "rep" / "summary.txt").read_text()
-    png = (tmp_path / "rep" / "learning_curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+def test_investigate_writes_a_report_and_resumes(tmp_path, capsys):
+    args = ["investigate", *TINY, "--epochs", "6", "--ablate-per-group", "8", "--out", str(tmp_path / "rep")]
+    assert main(args) == 0
+    rep = tmp_path / "rep"
+    for name in ("run/summary.json", "clean_run/summary.json", "scores.parquet", "rewind.parquet", "ablate.parquet",
+                 "same_layer.parquet", "knn.parquet", "findings.txt"):
+        assert (rep / name).exists(), name
+    page = (rep / "index.html").read_text()
+    for img in ("learning_curves.png", "scores.png", "rewind.png", "retrain.png", "ablate.png", "similarity.png"):
+        assert f"src='{img}'" in page and (rep / img).read_bytes()[:4] == b"\x89PNG"
+    assert "Greedy ablation flips a noisy example" in (rep / "findings.txt").read_text()
+    capsys.readouterr()
+    stamp = (rep / "ablate.parquet").stat().st_mtime_ns
+    assert main(args) == 0  # resumes: finished steps are reused, not recomputed
+    assert "ablate: done before" in capsys.readouterr().out
+    assert (rep / "ablate.parquet").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("args,msg", [(["--dataset", "imagenet"], "'dataset' parameter must be one of"),

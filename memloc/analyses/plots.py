@@ -270,6 +270,7 @@ def plot_score_histograms(scores: pd.DataFrame, columns=None, auroc: pd.DataFram
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"memorized = {arrow}", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)

@@ -1,0 +1,190 @@
+"""One investigation -> one folder: the run, the tables, the figures and an ``index.html`` with the findings.
+
+``investigate(out)`` trains the memorization testbed (and the same model on clean labels, for comparison), then
+runs the cheap memorization scores, layer rewinding and retraining, greedy neuron ablation on a sample of clean and
+noisy examples, and the layer-wise probes. Every step writes its result atomically and is skipped when its result
+is already there, so an interrupted investigation resumes where it stopped; the page is rebuilt from the saved
+results each time.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .results import atomic_path, load_result, save_result
+
+__all__ = ["investigate", "DEFAULTS"]
+
+DEFAULTS = {"dataset": "mnist1d", "model": "cnn1d", "noise": 0.1, "seed": 0, "ablate_per_group": 100,
+            "curvature_checkpoints": 10, "probe_examples": 2000}
+
+
+def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[str], None]) -> pd.DataFrame:
+    path = out / f"{name}.parquet"
+    if path.exists():
+        log(f"{name}: done before, reusing {path}")
+        return load_result(path)
+    t0 = time.perf_counter()
+    df = fn()
+    save_result(df, path)
+    log(f"{name}: {time.perf_counter() - t0:.1f} s")
+    return df
+
+
+def investigate(out: str | Path = "reports/default", *, dataset: str | None = None, model: str | None = None,
+                noise: float | None = None, seed: int | None = None, train_overrides: dict | None = None,
+                ablate_per_group: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Run the whole investigation into ``out`` and return the path of its ``index.html``.
+
+    Args default to :data:`DEFAULTS` (MNIST-1D, cnn1d, 10% flipped labels, seed 0). ``train_overrides`` are
+    extra :class:`~memloc.train.TrainConfig` fields for both runs.
+    """
+    from . import locate
+    from .analyses import plots, probes, scores
+    from .train import format_summary, train
+
+    o = dict(DEFAULTS)
+    o.update({k: v for k, v in dict(dataset=dataset, model=model, noise=noise, seed=seed,
+                                    ablate_per_group=ablate_per_group).items() if v is not None})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"dataset": o["dataset"], "model": o["model"], "noise": o["noise"], "seed": o["seed"],
+            **(train_overrides or {})}
+    log(f"investigation: {base['model']} on {base['dataset']}, {base['noise']:.0%} flipped labels, seed "
+        f"{base['seed']} -> {out}/")
+    run = train(base, out / "run", progress=progress)
+    log(format_summary(run.summary, run.path))
+    clean = train({**base, "noise": 0.0}, out / "clean_run", progress=progress)
+
+    ck = [e for e in run.epochs if e > 0]
+    pick = sorted({ck[int(i)] for i in np.linspace(0, len(ck) - 1, min(o["curvature_checkpoints"], len(ck)))})
+
+    def score_table():
+        a = scores.dynamics_scores(run)
+        b = scores.checkpoint_scores(run, epochs=pick, progress=progress)
+        return pd.merge(a, b.drop(columns="group"), on="example_id").pipe(
+            lambda d: _with(d, {**a.attrs["settings"], "checkpoints": pick, "n_directions": 10, "h": 1e-3}))
+
+    sc = _step(out, "scores", score_table, log)
+    auc = _step(out, "auroc", lambda: scores.auroc_table(sc), log)
+    rw = _step(out, "rewind", lambda: locate.rewind_layers(run, progress=progress), log)
+    rt = _step(out, "retrain", lambda: locate.retrain_layers(run, progress=progress), log)
+    ab = _step(out, "ablate", lambda: locate.ablate_examples(run, o["ablate_per_group"], progress=progress), log)
+    kw = dict(max_examples=o["probe_examples"], seed=o["seed"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        heat = _step(out, "similarity", lambda: probes.compare_layers(run, clean, "cka", progress=progress, **kw), log)
+        same = _step(out, "same_layer", lambda: _concat([probes.compare_layers(run, clean, m, cross=False,
+                                                                               progress=progress, **kw)
+                                                         for m in ("cka", "svcca", "pwcca")]), log)
+    dim = _step(out, "dimension", lambda: probes.layer_dimensions(run, **kw), log)
+    knn = _step(out, "knn", lambda: probes.knn_probe(run, **kw), log)
+
+    figs = {
+        "learning_curves.png": lambda: plots.plot_learning_curves(
+            run.dynamics, run.examples, title=f"{base['model']} on {base['dataset']}, {base['noise']:.0%} flipped"),
+        "scores.png": lambda: plots.plot_score_histograms(sc, auroc=auc),
+        "gallery.png": lambda: plots.plot_gallery(sc, run.data(), auc.score.iloc[0]),
+        "rewind.png": lambda: plots.plot_rewind(rw),
+        "retrain.png": lambda: plots.plot_retrain(rt),
+        "ablate.png": lambda: plots.plot_ablation(ab),
+        "similarity.png": lambda: plots.plot_layer_similarity(heat, same),
+        "dimension.png": lambda: plots.plot_layer_dimensions(dim),
+        "knn.png": lambda: plots.plot_knn_probe(knn),
+    }
+    for name, make in figs.items():
+        plots.save_figure(make(), out / name)
+    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn)
+    with atomic_path(out / "findings.txt") as tmp:
+        tmp.write_text("\n".join(f"- {f}" for f in findings) + "\n")
+    page = _page(run, base, findings, auc, figs)
+    with atomic_path(out / "index.html") as tmp:
+        tmp.write_text(page)
+    log("findings:\n" + "\n".join(f"- {f}" for f in findings))
+    log(f"report: {out / 'index.html'}")
+    return out / "index.html"
+
+
+def _with(df: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    from .results import make_result
+    return make_result(df, **settings)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs = frames[0].attrs
+    return df
+
+
+def _findings(run, clean, auc, rw, rt, ab, same, dim, knn) -> list[str]:
+    from .locate import summarize_flips
+    from .locate.rewind import before_memorization_epoch
+
+    s = run.summary
+    f = [f"The model fits all {s['n']['noisy']} flipped labels (train accuracy on them "
+         f"{s['train_acc_noisy']:.3f}, clean {s['train_acc_clean']:.3f}) after {s['epochs']} epochs, with test "
+         f"accuracy {s['test_acc']:.3f} (the same model on clean labels: {clean.summary['test_acc']:.3f})."]
+    a = auc.set_index("score").auroc
+    f.append("Memorization scores recover the flipped labels: AUROC " +
+             ", ".join(f"{k} {a[k]:.3f}" for k in a.index[:4]) + f"; final-epoch loss alone {a.get('final_loss', float('nan')):.3f}.")
+    e = before_memorization_epoch(run, sorted(set(rw.epoch[rw.layer != "none"])))
+    t = rw[rw.epoch == e].pivot_table(index="layer", columns="group", values="accuracy")
+    head = run.model().layer_names[-1]
+    if head in t.index:
+        f.append(f"Rewinding only the last layer ({head}) to epoch {e} (before memorization) leaves "
+                 f"{t.loc[head, 'noisy']:.0%} of the flipped labels predicted (clean accuracy {t.loc[head, 'clean']:.0%}): "
+                 "memorization is not confined to the last layer.")
+    last = rt.sort_values("epoch").groupby(["layer", "group"]).tail(1).pivot_table(index="layer", columns="group",
+                                                                                  values="accuracy")
+    f.append("Resetting one layer and retraining it on clean examples (others frozen) brings flipped-label accuracy "
+             "back to " + ", ".join(f"{l} {last.loc[l, 'noisy']:.0%}" for l in last.index) + ".")
+    fl = summarize_flips(ab)
+    f.append(f"Greedy ablation flips a noisy example after a median of {fl['noisy']['median_units']:g} units vs "
+             f"{fl['clean']['median_units']:g} for clean ones (Mann-Whitney p = {fl['mannwhitney_p_noisy_fewer']:.1e}); "
+             f"the flip costs {-fl['noisy']['mean_test_acc_change']:.1%} test accuracy for noisy vs "
+             f"{-fl['clean']['mean_test_acc_change']:.1%} for clean examples.")
+    cka = same[same.method == "cka"]
+    f.append("The memorizing and clean-label models agree less with depth (CKA per layer: " +
+             ", ".join(f"{r.layer_a} {r.similarity:.2f}" for r in cka.itertuples()) + ").")
+    k = knn[(knn.group == "noisy")].pivot(index="layer", columns="target", values="accuracy")
+    f.append("A 10-NN probe on clean examples still assigns flipped examples their original class in " +
+             ", ".join(f"{l} {k.loc[l, 'original']:.0%}" for l in k.index) + " of cases.")
+    d = dim[dim.group == "all"]
+    f.append("Intrinsic dimension (TwoNN) by layer: " + ", ".join(f"{r.layer} {r.dimension:.1f}" for r in d.itertuples()) + ".")
+    return f
+
+
+def _page(run, base: dict, findings: list[str], auc: pd.DataFrame, figs: dict) -> str:
+    esc = html.escape
+    cfg = json.dumps(run.config.to_dict(), indent=1)
+    sections = [("Training", "learning_curves.png", "Accuracy and loss per epoch; noisy accuracy is against the flipped labels."),
+                ("Which examples are memorized", "scores.png", "Per-example scores, clean vs flipped, with their AUROC."),
+                ("Most and least memorized examples", "gallery.png", "Red titles: flipped labels."),
+                ("Layer rewinding", "rewind.png", "Each layer put back to an earlier checkpoint in the final model."),
+                ("Layer retraining", "retrain.png", "One layer reset to initialisation and retrained on clean examples, all others frozen."),
+                ("Greedy neuron ablation", "ablate.png", "Units zeroed until an example's prediction flips."),
+                ("Memorizing vs clean-label model", "similarity.png", "Layer-by-layer similarity of the two models."),
+                ("Intrinsic dimension", "dimension.png", "TwoNN per layer, all / clean / flipped examples."),
+                ("k-NN probe", "knn.png", "Where class structure is lost for memorized examples.")]
+    body = "\n".join(f"<h2>{esc(t)}</h2><p>{esc(c)}</p><img src='{esc(img)}' alt='{esc(t)}'>" for t, img, c in sections)
+    auc_html = auc[["score", "auroc"]].round(3).to_html(index=False, border=0)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>memloc investigation</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0 1.5em}} table{{border-collapse:collapse}}
+td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
+<body><h1>Where is memorization? {esc(base['model'])} on {esc(base['dataset'])}, {base['noise']:.0%} flipped labels</h1>
+<h2>Findings</h2><ul>{''.join(f'<li>{esc(x)}</li>' for x in findings)}</ul>
+<h2>AUROC of each score for the flipped labels</h2>{auc_html}
+{body}
+<h2>Settings</h2><pre>{esc(cfg)}</pre>
+<p>Tables: the <code>*.parquet</code> files next to this page (settings in their metadata); the run: <code>run/</code>.</p>
+</body></html>
+"""
