@@ -365,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("sweep", help="run a declarative sweep (TOML spec) locally or on Ray; resumable")
+    p.add_argument("spec", help="a TOML sweep spec (see memloc.sweep)")
+    p.add_argument("--out", default=None, help="result store folder (default sweeps/<name>)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--workers", type=int, default=1, help="local process pool size / local Ray CPUs")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print summary.json as is")
@@ -381,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             _probe(a)
         elif a.command == "scores":
             _scores(a)
+        elif a.command == "sweep":
+            from .sweep import load_spec, run_sweep
+
+            spec = load_spec(a.spec)
+            out = a.out or f"sweeps/{spec['name']}"
+            table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet)
+            print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
+                  f"{out}/results.parquet, {out}/summary.png")
         elif a.command == "summary":
             from .train import Run, format_summary
 

@@ -317,3 +317,37 @@ def plot_gallery(scores: pd.DataFrame, data, score: str, n: int = 8):
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(f"Most (top) and least (bottom) memorized by {score}; red = flipped label", fontsize=9)
     return fig
+
+
+def plot_sweep(table: pd.DataFrame):
+    """One panel per method of a sweep table: a headline number against the noise rate, one line per
+    dataset/model (mean over seeds, bars = min..max)."""
+    import matplotlib.pyplot as plt
+
+    headline = {
+        "summary": ("test_acc", None, "test accuracy"),
+        "rewind": ("accuracy", ("group", "noisy"), "noisy accuracy, layers rewound (mean)"),
+        "retrain": ("accuracy", ("group", "noisy"), "noisy accuracy after retraining (mean over layers)"),
+        "ablate": ("median_units", ("group", "noisy"), "median units to flip a noisy example"),
+        "scores": ("auroc", ("score", "cumulative_loss"), "AUROC of cumulative loss"),
+    }
+    methods = [m for m in headline if m in set(table["method"])]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), constrained_layout=True,
+                             squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        col, filt, label = headline[m]
+        d = table[table["method"] == m]
+        if filt:
+            d = d[d[filt[0]] == filt[1]]
+        if m == "rewind" and "layer" in d:
+            d = d[d.layer != "none"]
+        per_seed = d.groupby(["dataset", "model", "noise", "seed"])[col].mean().reset_index()
+        for (ds, mo), g in per_seed.groupby(["dataset", "model"]):
+            s = g.groupby("noise")[col].agg(["mean", "min", "max"])
+            ax.errorbar(s.index, s["mean"], yerr=[s["mean"] - s["min"], s["max"] - s["mean"]], marker="o",
+                        capsize=3, label=f"{ds}/{mo}")
+        ax.set(xlabel="label noise", ylabel=label, title=m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sweep {table.attrs.get('settings', {}).get('sweep', '')}: mean over seeds", fontsize=9)
+    return fig
