@@ -20,7 +20,7 @@ investigate: install
 	$(VENV)/bin/memloc investigate --out $(OUT)
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/train_default.py

@@ -14,3 +14,14 @@ from .train import Run, TrainConfig, evaluate, load_run, train
 __all__ = ["Dataset", "from_arrays", "inject_label_noise", "load_dataset", "ablate", "capture",
            "replace_parameters", "scale_neurons", "valid_sites", "build_model", "layer_names", "load_result",
            "make_result", "save_result", "Run", "TrainConfig", "evaluate", "load_run", "train"]
+
+_SUBMODULES = {"locate", "analyses", "edit", "ensemble", "sweep", "report", "hooks", "models", "data", "results", "cli"}
+
+
+def __getattr__(name: str):
+    """``memloc.locate``, ``memloc.analyses`` ... are imported on first use (they pull in more dependencies)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'memloc' has no attribute {name!r}")
