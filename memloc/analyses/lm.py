@@ -1,0 +1,101 @@
+"""Language-model memorization metrics on a fact world: fact recall, canary extraction and exposure."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..hooks import require_eval
+from ..results import make_result
+
+__all__ = ["next_token_logprobs", "fact_recall", "canary_extraction", "exposure"]
+
+
+def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Log-probabilities ``[N, vocab]`` of the token following each prompt (right-padded batches; the last
+    real position of each prompt is read)."""
+    require_eval(model, "Language-model metrics")
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            toks, lens = tokenizer.batch(prompts[s:s + batch_size])
+            logits = model(toks)
+            out.append(torch.log_softmax(logits[torch.arange(len(toks)), lens - 1].double(), -1))
+    return torch.cat(out)
+
+
+def fact_recall(model, tokenizer, world, split: str = "train") -> pd.DataFrame:
+    """Per (fact, prompt): ``subject, relation, object, prompt, prob, rank, correct`` (top-1 == object)."""
+    rows, prompts = [], []
+    for f in world.facts:
+        for p in world.prompts(f, split):
+            rows.append({"subject": f.subject, "relation": f.relation, "object": f.object, "prompt": p})
+            prompts.append(p)
+    lp = next_token_logprobs(model, tokenizer, prompts)
+    obj = torch.tensor([tokenizer.id(r["object"]) for r in rows])
+    target = lp[torch.arange(len(rows)), obj]
+    df = pd.DataFrame(rows)
+    df["prob"] = target.exp().numpy()
+    df["rank"] = (lp > target[:, None]).sum(1).numpy()
+    df["correct"] = df["rank"] == 0
+    return make_result(df, split=split)
+
+
+def _sequence_logprob(model, tokenizer, prefix: str, continuations: list[list[str]], batch_size: int = 1024) -> np.ndarray:
+    """Total log-probability of each continuation (list of words) after ``prefix``."""
+    base = tokenizer.encode(prefix)
+    ids = torch.tensor([base + [tokenizer.id(w) for w in c] for c in continuations])
+    n = len(continuations[0])
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            x = ids[s:s + batch_size]
+            lp = torch.log_softmax(model(x).double(), -1)
+            pos = torch.arange(len(base) - 1, len(base) - 1 + n)
+            out.append(lp[:, pos].gather(2, x[:, pos + 1].unsqueeze(-1)).squeeze(-1).sum(1))
+    return torch.cat(out).numpy()
+
+
+def canary_extraction(model, tokenizer, world) -> pd.DataFrame:
+    """Greedy decoding after each canary's prefix: ``extracted`` is True when it reproduces the whole secret
+    (exact match / extractable with the prefix as the prompt)."""
+    require_eval(model, "Canary extraction")
+    rows = []
+    with torch.no_grad():
+        for c in world.canaries:
+            ids = tokenizer.encode(c.prefix)
+            for _ in range(len(c.secret)):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            got = tuple(tokenizer.vocab[i] for i in ids[-len(c.secret):])
+            rows.append({"name": c.name, "repeats": c.repeats, "secret": " ".join(c.secret),
+                         "generated": " ".join(got), "extracted": got == c.secret})
+    return pd.DataFrame(rows)
+
+
+def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Exposure of each canary (Carlini et al. 2019): ``log2 |R| - log2 rank`` of the true secret among all
+    candidate digit strings of its length by sequence log-likelihood (rank 1 = most likely). With more than
+    ``max_candidates`` candidates, the rank is estimated from a uniform sample (``exact=False``)."""
+    require_eval(model, "Exposure")
+    rows = []
+    rng = np.random.default_rng(seed)
+    digits = [str(d) for d in range(10)]
+    for c in world.canaries:
+        k = len(c.secret)
+        space = 10 ** k
+        if space <= max_candidates:
+            cands = [list(t) for t in itertools.product(digits, repeat=k)]
+            exact = True
+        else:
+            cands = [list(rng.choice(digits, k)) for _ in range(max_candidates)]
+            exact = False
+        lp = _sequence_logprob(model, tokenizer, c.prefix, cands)
+        true = _sequence_logprob(model, tokenizer, c.prefix, [list(c.secret)])[0]
+        better = float((lp > true + 1e-9).sum())
+        rank = 1 + (better if exact else better / len(cands) * space)
+        rows.append({"name": c.name, "repeats": c.repeats, "rank": rank, "exposure": math.log2(space) - math.log2(rank),
+                     "max_exposure": math.log2(space), "log_perplexity": -true, "exact": exact})
+    return make_result(pd.DataFrame(rows), candidates=min(max_candidates, 10 ** len(world.canaries[0].secret)))

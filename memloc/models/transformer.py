@@ -1,0 +1,146 @@
+"""A tiny transformer built with TransformerLens 4's ``TransformerBridge.boot_native``, trained on a fact world.
+
+``train_lm(world, out)`` trains a small GPT-style model (default 4 layers, d_model 128, 4 heads, d_mlp 512, GELU,
+LayerNorm) on the world's training text until it recalls the facts, and writes a folder: ``config.json``,
+``world.json``, ``tokenizer.json``, ``model.safetensors``, ``summary.json``. ``LMRun(out).model()`` boots the same
+architecture and loads the weights, in eval mode (``boot_native`` itself returns a model in training mode).
+Any other ``TransformerBridge`` (e.g. ``TransformerBridge.boot_transformers("gpt2", hf_model=...)`` from a local
+Hugging Face cache) works with memloc's analyses as long as a tokenizer maps its words to ids.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.facts import FactWorld, WordTokenizer
+from ..results import atomic_path, read_json, write_json
+
+__all__ = ["tiny_transformer_config", "build_tiny_transformer", "train_lm", "LMRun", "lm_loss"]
+
+
+def tiny_transformer_config(vocab_size: int, n_layers: int = 4, d_model: int = 128, n_heads: int = 4,
+                            d_mlp: int = 512, n_ctx: int = 16) -> dict:
+    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_head": d_model // n_heads,
+            "d_mlp": d_mlp, "d_vocab": vocab_size, "n_ctx": n_ctx, "act_fn": "gelu", "normalization_type": "LN"}
+
+
+def build_tiny_transformer(config: dict, seed: int = 0):
+    """Boot a native TransformerBridge from ``config`` with weights seeded by ``seed`` (global RNG restored)."""
+    import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TransformerBridge.boot_native(dict(config))
+
+
+def lm_loss(model, tokens: torch.Tensor, pad_id: int = 0, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of ``tokens [B, T]``, padding masked; ``reduction="none"`` gives ``[B]`` sums."""
+    logits = model(tokens)
+    tgt = tokens[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+    ce = ce.view_as(tgt) * (tgt != pad_id)
+    if reduction == "none":
+        return ce.sum(1)
+    return ce.sum() / (tgt != pad_id).sum()
+
+
+class LMRun:
+    """A trained language-model folder (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(f"{self.path} is not a memloc language-model run (no config.json).")
+        self.config = read_json(self.path / "config.json")
+        self.world = FactWorld.from_json(read_json(self.path / "world.json"))
+        self.tokenizer = WordTokenizer.load(self.path / "tokenizer.json")
+
+    @property
+    def summary(self) -> dict | None:
+        p = self.path / "summary.json"
+        return read_json(p) if p.exists() else None
+
+    def model(self):
+        from safetensors.torch import load_file
+
+        model = build_tiny_transformer(self.config["model"], seed=self.config["seed"])
+        model.load_state_dict(load_file(str(self.path / "model.safetensors")))
+        return model.eval()
+
+
+def _save_model(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: int = 128, n_heads: int = 4,
+             d_mlp: int = 512, epochs: int = 300, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 64,
+             target_recall: float = 1.0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> LMRun:
+    """Train a tiny transformer on ``world.training_text()`` until it recalls every fact from its training
+    prompts (top-1 object, ``target_recall``) and every canary repeated more than once, or ``epochs`` run out.
+
+    AdamW, constant learning rate, data order seeded by ``(seed, epoch)``. An existing finished run in ``out`` is
+    returned as is (``overwrite`` retrains).
+    """
+    from ..analyses.lm import canary_extraction, fact_recall
+
+    out = Path(out)
+    if (out / "summary.json").exists() and not overwrite:
+        return LMRun(out)
+    tok = WordTokenizer(world.words())
+    text = world.training_text()
+    tokens, lengths = tok.batch(text)
+    n_ctx = max(16, int(lengths.max()))
+    cfg = tiny_transformer_config(len(tok), n_layers, d_model, n_heads, d_mlp, n_ctx)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(world.to_json(), out / "world.json")
+    tok.save(out / "tokenizer.json")
+    settings = {"model": cfg, "seed": seed, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+                "max_epochs": epochs, "target_recall": target_recall, "n_sentences": len(text)}
+    write_json(settings, out / "config.json")
+    model = build_tiny_transformer(cfg, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc="train LM", disable=not progress, unit="ep")
+    recall = canaries = None
+    epoch = 0
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for b in range(math.ceil(len(tokens) / batch_size)):
+            batch = tokens[order[b * batch_size:(b + 1) * batch_size]]
+            loss = lm_loss(model, batch, tok.pad_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if epoch % 5 == 0 or epoch == epochs:
+            model.eval()
+            recall = float(fact_recall(model, tok, world, "train").correct.mean())
+            canaries = canary_extraction(model, tok, world)
+            repeated = canaries[canaries.repeats > 1].extracted
+            bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall:.3f}",
+                            canaries=f"{canaries.extracted.mean():.2f}")
+            if recall >= target_recall and repeated.all():
+                break
+    model.eval()
+    _save_model(model, out / "model.safetensors")
+    held = fact_recall(model, tok, world, "heldout")
+    summary = {"epochs": epoch, "seconds": round(time.perf_counter() - t0, 1),
+               "fact_recall_train_templates": float(fact_recall(model, tok, world, "train").correct.mean()),
+               "fact_recall_heldout_templates": float(held.correct.mean()),
+               "canaries_extracted": {str(r): float(g.extracted.mean()) for r, g in
+                                      canary_extraction(model, tok, world).groupby("repeats")},
+               **settings}
+    write_json(summary, out / "summary.json")
+    return LMRun(out)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+
+from memloc.analyses.lm import canary_extraction, exposure, fact_recall
+from memloc.data.facts import WordTokenizer, make_fact_world
+from memloc.locate.trace import bucket_positions, trace, trace_facts
+from memloc.models.transformer import LMRun, build_tiny_transformer, tiny_transformer_config, train_lm
+
+
+def test_fact_world_is_seeded_and_holds_out_paraphrases():
+    a, b, c = make_fact_world(30, seed=1), make_fact_world(30, seed=1), make_fact_world(30, seed=2)
+    assert a.facts == b.facts and a.facts != c.facts
+    assert len(a.facts) == 30 * 3 and len(set(a.subjects)) == 30
+    text = " | ".join(a.training_text())
+    for f in a.facts[:10]:
+        for p in a.prompts(f, "heldout"):
+            assert p not in text  # paraphrases never seen in training
+    reps = [c.repeats for c in a.canaries]
+    assert sum(t.startswith("the code of") for t in a.training_text()) == sum(reps)
+    with pytest.raises(ValueError, match="Unknown relation"):
+        make_fact_world(5, relations=["spouse"])
+
+
+def test_tokenizer_round_trip():
+    w = make_fact_world(10, seed=0)
+    tok = WordTokenizer(w.words())
+    s = w.training_text()[0]
+    assert tok.decode(tok.encode(s)) == s and tok.encode(s)[0] == tok.bos_id
+    assert all(len(tok.encode(x, bos=False)) == len(x.split()) for x in w.training_text())
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        tok.id("zebra")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    world = make_fact_world(40, n_canaries=4, canary_digits=3, canary_repeats=(1, 8), seed=0)
+    return train_lm(world, tmp_path_factory.mktemp("lm") / "lm", n_layers=2, d_model=64, d_mlp=256, epochs=200,
+                    lr=3e-3, progress=False)
+
+
+def test_testbed_memorizes_facts_and_repeated_canaries(lm):
+    s = lm.summary
+    assert s["fact_recall_train_templates"] >= 0.95
+    model, tok, world = lm.model(), lm.tokenizer, lm.world
+    assert not model.training
+    assert canary_extraction(model, tok, world).query("repeats > 1").extracted.all()
+    ex = exposure(model, tok, world)
+    rep = ex[ex.repeats > 1]
+    assert (rep.exposure >= rep.max_exposure - 2).all() and (rep["rank"] <= 4).all()
+    # exposure saturates over 10^3 candidates; the canaries inserted once are still less likely
+    assert ex[ex.repeats == 1].log_perplexity.min() > rep.log_perplexity.max()
+
+
+def test_causal_tracing_sanity(lm):
+    model, tok, world = lm.model(), lm.tokenizer, lm.world
+    fact = next(f for f in world.facts if f.relation == "city")
+    prompt = world.prompts(fact, "train")[2]  # "the home of {s} is in": tokens before the subject exist
+    ids = tok.encode(prompt)
+    pos = [ids.index(tok.id(fact.subject))]
+    df = trace(model, ids, pos, tok.id(fact.object), kind="resid", samples=6)
+    st = df.attrs["settings"]
+    before = df[df.position < pos[0]]
+    assert len(before) and np.abs(before.ie).max() < 1e-6  # causal attention: nothing there was corrupted (float32)
+    last = df[(df.layer == st["n_layers"] - 1) & (df.position == len(ids) - 1)].ie.iloc[0]
+    assert abs(last - st["te"]) < 1e-6  # restoring the final state restores the clean output
+    assert st["te"] > 0
+    mlp = trace(model, ids, pos, tok.id(fact.object), kind="mlp", samples=6, window=2)
+    assert mlp.ie.abs().max() > 0 and len(mlp) == st["n_layers"] * len(ids)
+    assert bucket_positions(6, [3]) == ["before subject"] * 3 + ["last subject", "first subsequent", "last"]
+
+
+def test_trace_facts_finds_the_fact_at_the_subject(lm):
+    model, tok, world = lm.model(), lm.tokenizer, lm.world
+    df = trace_facts(model, tok, world, world.facts[:12], kind="resid", samples=5, progress=False)
+    assert df.attrs["settings"]["n_facts"] >= 6
+    early = df[df.layer == 0].groupby("bucket").ie.mean()
+    assert early["last subject"] > early.get("before subject", 0.0)
+    assert (df.groupby("subject").te.first() > 0).mean() >= 0.9
+
+
+def test_lm_run_round_trip(lm):
+    again = LMRun(lm.path)
+    m1, m2 = lm.model(), again.model()
+    x = torch.tensor([lm.tokenizer.encode(lm.world.training_text()[0])])
+    with torch.no_grad():
+        assert torch.equal(m1(x), m2(x))
+    with pytest.raises(FileNotFoundError, match="not a memloc language-model run"):
+        LMRun(lm.path.parent / "nothing")
