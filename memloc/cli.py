@@ -300,6 +300,47 @@ def _scores(a: argparse.Namespace) -> None:
     print(f"wrote {out}/ (scores, auroc, agreement .parquet; histograms.png, gallery.png)")
 
 
+def _lm(a: argparse.Namespace) -> None:
+    import torch
+
+    from .data.facts import make_fact_world
+    from .models.transformer import LMRun, train_lm
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.action == "train":
+        run = train_lm(make_fact_world(a.subjects, seed=a.seed), a.out, n_layers=a.layers, d_model=a.d_model,
+                       seed=a.seed, progress=not a.quiet)
+        print(json.dumps({k: v for k, v in run.summary.items() if k != "model"}, indent=1))
+        return
+    run = LMRun(a.out)
+    model, tok, world = run.model(), run.tokenizer, run.world
+    out = run.path / "analysis"
+    from .results import save_result
+    if a.action == "metrics":
+        from .analyses.lm import canary_extraction, exposure, fact_recall
+
+        for split in ("train", "heldout"):
+            print(f"fact recall ({split} templates): {fact_recall(model, tok, world, split).correct.mean():.3f}")
+        ex = exposure(model, tok, world).merge(canary_extraction(model, tok, world)[["name", "extracted"]], on="name")
+        save_result(ex, out / "exposure.parquet")
+        print(ex.round(3).to_string(index=False))
+        return
+    from .analyses.plots import plot_trace, save_figure
+    from .locate.trace import trace_facts
+
+    for kind, window in (("resid", 1), ("mlp", 2), ("attn", 2)):
+        df = trace_facts(model, tok, world, world.facts[:a.facts], kind, a.samples, window, a.seed,
+                         progress=not a.quiet)
+        save_result(df, out / f"trace_{kind}.parquet")
+        save_figure(plot_trace(df), out / f"trace_{kind}.png")
+        st = df.attrs["settings"]
+        print(f"{kind} (window {window}, {st['n_facts']} facts, noise {st['noise']:.3g}, {a.samples} samples): "
+              f"mean indirect effect by token bucket and layer\n"
+              f"{df.groupby(['bucket', 'layer']).ie.mean().unstack().round(3)}")
+    print(f"wrote {out}/trace_*.parquet and .png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,6 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("lm", help="language-model testbed: train a tiny transformer on a fact world, trace it")
+    p.add_argument("action", choices=["train", "trace", "metrics"])
+    p.add_argument("--out", default="runs/lm", help="the language-model run folder (%(default)s)")
+    p.add_argument("--subjects", type=int, default=120)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
+    p.add_argument("--facts", type=int, default=90, help="trace: facts traced (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print summary.json as is")
@@ -397,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet)
             print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
                   f"{out}/results.parquet, {out}/summary.png")
+        elif a.command == "lm":
+            _lm(a)
         elif a.command == "summary":
             from .train import Run, format_summary
 

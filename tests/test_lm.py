@@ -49,7 +49,7 @@ def test_testbed_memorizes_facts_and_repeated_canaries(lm):
     assert canary_extraction(model, tok, world).query("repeats > 1").extracted.all()
     ex = exposure(model, tok, world)
     rep = ex[ex.repeats > 1]
-    assert (rep.exposure >= rep.max_exposure - 2).all() and (rep["rank"] <= 4).all()
+    assert (rep["rank"] == 1).all() and (rep.exposure == rep.max_exposure).all()
     # exposure saturates over 10^3 candidates; the canaries inserted once are still less likely
     assert ex[ex.repeats == 1].log_perplexity.min() > rep.log_perplexity.max()
 

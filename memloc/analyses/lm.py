@@ -87,15 +87,17 @@ def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 
         k = len(c.secret)
         space = 10 ** k
         if space <= max_candidates:
-            cands = [list(t) for t in itertools.product(digits, repeat=k)]
-            exact = True
+            cands = [list(t) for t in itertools.product(digits, repeat=k)]  # the secret is at int(secret)
+            exact, true_at = True, int("".join(c.secret))
         else:
-            cands = [list(rng.choice(digits, k)) for _ in range(max_candidates)]
-            exact = False
+            cands = [list(rng.choice(digits, k)) for _ in range(max_candidates)] + [list(c.secret)]
+            exact, true_at = False, len(cands) - 1
+        # every candidate, the secret included, is scored in the same batched passes (a separate pass differs in
+        # the last float32 bits and could rank the secret below itself); ties within 1e-6 nats count as equal
         lp = _sequence_logprob(model, tokenizer, c.prefix, cands)
-        true = _sequence_logprob(model, tokenizer, c.prefix, [list(c.secret)])[0]
-        better = float((lp > true + 1e-9).sum())
-        rank = 1 + (better if exact else better / len(cands) * space)
+        true = lp[true_at]
+        better = float((np.delete(lp, true_at) > true + 1e-6).sum())
+        rank = 1 + (better if exact else better / (len(cands) - 1) * space)
         rows.append({"name": c.name, "repeats": c.repeats, "rank": rank, "exposure": math.log2(space) - math.log2(rank),
                      "max_exposure": math.log2(space), "log_perplexity": -true, "exact": exact})
     return make_result(pd.DataFrame(rows), candidates=min(max_candidates, 10 ** len(world.canaries[0].secret)))

@@ -351,3 +351,29 @@ def plot_sweep(table: pd.DataFrame):
         ax.legend(fontsize=7)
     fig.suptitle(f"sweep {table.attrs.get('settings', {}).get('sweep', '')}: mean over seeds", fontsize=9)
     return fig
+
+
+def plot_trace(df: pd.DataFrame, tokens: list[str] | None = None, title: str | None = None):
+    """Heatmap of indirect effects, positions x layers, as in Meng et al.: from ``trace`` (one prompt, with
+    ``tokens`` for labels) or ``trace_facts`` (averaged by token bucket)."""
+    import matplotlib.pyplot as plt
+
+    s = df.attrs.get("settings", {})
+    if "bucket" in df:
+        order = [b for b in ("before subject", "first subject", "middle subject", "last subject",
+                             "first subsequent", "further", "last") if b in set(df.bucket)]
+        t = df.groupby(["bucket", "layer"]).ie.mean().unstack().loc[order]
+        labels = order
+    else:
+        t = df.pivot(index="position", columns="layer", values="ie")
+        labels = tokens or [str(p) for p in t.index]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * t.shape[1], 0.45 * len(labels) + 1.6), constrained_layout=True)
+    im = ax.imshow(t.values, cmap={"resid": "Purples", "mlp": "Greens", "attn": "Reds"}.get(s.get("kind"), "Blues"),
+                   aspect="auto", vmin=min(0, float(t.values.min())))
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(t.shape[1]), t.columns)
+    ax.set_xlabel("layer" + (f" (window {s.get('window')})" if s.get("window", 1) > 1 else ""))
+    fig.colorbar(im, ax=ax, label="indirect effect on p(object)")
+    ax.set_title(title or f"causal trace ({s.get('kind')}), noise {s.get('noise', 0):.3g}, {s.get('samples')} samples",
+                 fontsize=9)
+    return fig

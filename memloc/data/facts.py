@@ -17,14 +17,18 @@ import numpy as np
 __all__ = ["Relation", "Fact", "Canary", "FactWorld", "make_fact_world", "WordTokenizer", "RELATIONS"]
 
 RELATIONS = {
-    # name: (objects, training templates, held-out paraphrase templates); "{s}" is the subject, the object follows
+    # name: (objects, training templates, held-out paraphrase templates); "{s}" is the subject, the object follows.
+    # The last training template names the relation first and puts the object right after the subject, so the
+    # model must predict it *at the subject token*: that makes it store the fact at the subject (as ROME assumes;
+    # without it a tiny model looks facts up at the last token only).
     "city": (["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "dakar", "hanoi"],
-             ["{s} lives in", "{s} has a house in", "the home of {s} is in"], ["{s} resides in", "{s} is living in"]),
+             ["{s} lives in", "{s} has a house in", "the home of {s} is in", "hometown of {s}"],
+             ["{s} resides in", "{s} is living in"]),
     "job": (["baker", "pilot", "nurse", "judge", "miner", "tailor", "farmer", "singer", "sailor", "doctor"],
-            ["{s} works as a", "{s} is employed as a", "by trade {s} is a"], ["{s} earns a living as a",
-                                                                              "{s} has a job as a"]),
+            ["{s} works as a", "{s} is employed as a", "by trade {s} is a", "profession of {s}"],
+            ["{s} earns a living as a", "{s} has a job as a"]),
     "color": (["red", "blue", "green", "amber", "violet", "black", "white", "ochre", "teal", "pink"],
-              ["{s} loves the color", "the favourite color of {s} is", "{s} always wears"],
+              ["{s} loves the color", "the favourite color of {s} is", "{s} always wears", "color of {s}"],
               ["{s} prefers the color", "{s} likes the color"]),
 }
 
