@@ -78,10 +78,10 @@ def main():
             p.requires_grad_(False)
         curvature(model, data.x[:100], data.y[:100])
         t0 = time.perf_counter()
-        full = curvature(model, data.x, data.y)
+        curvature(model, data.x, data.y)
         tb = time.perf_counter() - t0
         t0 = time.perf_counter()
-        single = torch.cat([curvature(model, data.x[i:i + 1], data.y[i:i + 1]) for i in range(200)])
+        torch.cat([curvature(model, data.x[i:i + 1], data.y[i:i + 1]) for i in range(200)])
         tl = (time.perf_counter() - t0) * len(data) / 200
         row = {"case": f"cnn1d default testbed, {len(data)} examples, n=10, h=1e-3, one checkpoint",
                "batched_s": round(tb, 2), "one_at_a_time_s_extrapolated": round(tl, 1), "speedup": round(tl / tb, 1),

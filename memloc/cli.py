@@ -86,19 +86,26 @@ def _investigate(a: argparse.Namespace) -> None:
                 ablate_per_group=a.ablate_per_group, progress=not a.quiet)
 
 
-def _locate(a: argparse.Namespace) -> None:
+def _finished_run(path: str, threads: int | None):
+    """Set torch's thread count (if asked) and open a finished run, or explain how to finish it."""
     import torch
 
+    from .train import Run
+
+    if threads:
+        torch.set_num_threads(threads)
+    run = Run(path)
+    if not run.finished:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    return run
+
+
+def _locate(a: argparse.Namespace) -> None:
     from . import locate
     from .analyses import plots
     from .results import save_result
-    from .train import Run
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run = Run(a.run)
-    if not run.finished:
-        raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    run = _finished_run(a.run, a.threads)
     layers = a.layers.split(",") if a.layers else None
     out = Path(a.out) if a.out else run.path / "locate"
     progress = not a.quiet
@@ -150,19 +157,12 @@ def _probe(a: argparse.Namespace) -> None:
 
     import numpy as np
     import pandas as pd
-    import torch
 
     from .analyses import plots, probes
     from .results import save_result
-    from .train import Run
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run = Run(a.run)
-    other = Run(a.against) if a.against else None
-    for r in (run, other):
-        if r is not None and not r.finished:
-            raise ValueError(f"{r.path} is not finished; rerun its `memloc train` command to complete it first.")
+    run = _finished_run(a.run, a.threads)
+    other = _finished_run(a.against, None) if a.against else None
     out = Path(a.out) if a.out else run.path / "probe"
     kw = dict(max_examples=a.max_examples, seed=a.seed)
     progress = not a.quiet
@@ -216,18 +216,12 @@ def _probe(a: argparse.Namespace) -> None:
 def _scores(a: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
-    import torch
 
     from .analyses import plots, privacy, scores
     from .ensemble import train_ensemble
     from .results import make_result, save_result
-    from .train import Run
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run = Run(a.run)
-    if not run.finished:
-        raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    run = _finished_run(a.run, a.threads)
     families = a.score or ["dynamics", "curvature", "ssft", "holdout"]
     if "all" in families:
         families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -237,7 +236,7 @@ def train_ensemble(data: Dataset, n_models: int = 64, ratio: float = 0.7, *, mod
 
 
 def _evaluate(data: Dataset, states: list[dict], masks: np.ndarray, cfg: dict) -> Ensemble:
-    from torch.func import functional_call, stack_module_state
+    from torch.func import functional_call
 
     base = build_model(cfg["model"], data.input_shape, data.num_classes, **cfg["model_kwargs"]).eval()
     train, test = data.train, data.test

@@ -16,7 +16,7 @@ replaced parameters are copied back bit for bit.
 from __future__ import annotations
 
 import difflib
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch

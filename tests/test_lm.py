@@ -4,10 +4,10 @@ import torch
 
 pytest.importorskip("transformer_lens")
 
-from memloc.analyses.lm import canary_extraction, exposure, fact_recall
+from memloc.analyses.lm import canary_extraction, exposure
 from memloc.data.facts import WordTokenizer, make_fact_world
 from memloc.locate.trace import bucket_positions, trace, trace_facts
-from memloc.models.transformer import LMRun, build_tiny_transformer, tiny_transformer_config, train_lm
+from memloc.models.transformer import LMRun, train_lm
 
 
 def test_fact_world_is_seeded_and_holds_out_paraphrases():

@@ -7,7 +7,7 @@ from torch import nn
 
 from memloc.analyses.privacy import membership_inference, roc_summary
 from memloc.analyses.scores import (DIRECTION, agreement, all_scores, auroc_table, cscore, curvature,
-                                    dynamics_scores, feldman_zhang, fz_influence, input_gradient_norms,
+                                    feldman_zhang, fz_influence, input_gradient_norms,
                                     trajectory_scores)
 from memloc.ensemble import Ensemble, subset_masks, train_ensemble
 

@@ -12,14 +12,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..hooks import capture
 from ..models import layer_names
 from ..results import make_result
 from .dimension import ESTIMATORS
-from .similarity import METHODS, svcca_details
+from .similarity import METHODS
 
 __all__ = ["sample_ids", "layer_activations", "compare_layers", "checkpoint_similarity", "layer_dimensions",
            "knn_probe", "neural_collapse_memorization", "benign_memorization"]

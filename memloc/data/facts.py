@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Relation", "Fact", "Canary", "FactWorld", "make_fact_world", "WordTokenizer", "RELATIONS"]
+__all__ = ["Fact", "Canary", "FactWorld", "make_fact_world", "WordTokenizer", "RELATIONS"]
 
 RELATIONS = {
     # name: (objects, training templates, held-out paraphrase templates); "{s}" is the subject, the object follows.

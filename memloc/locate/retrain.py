@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..hooks import replace_parameters
 from ..results import make_result
 from ..train import Run
 from ._common import frame, group_accuracies, layer_keys, long_accuracy_rows, resolve_layers, seeded_generator

@@ -9,11 +9,9 @@ Hugging Face cache) works with memloc's analyses as long as a tokenizer maps its
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
