@@ -20,6 +20,11 @@ def test_fact_world_is_seeded_and_holds_out_paraphrases():
             assert p not in text  # paraphrases never seen in training
     reps = [c.repeats for c in a.canaries]
     assert sum(t.startswith("the code of") for t in a.training_text()) == sum(reps)
+    assert len(make_fact_world(30, seed=1, profiles=0).training_text()) == len(a.training_text()) - 3 * 30
+    objects = {f.object for f in a.facts}
+    profile = [t for t in a.training_text() if t.split()[0] in a.subjects and set(t.split()[1:]) <= objects]
+    assert len(profile) == 90 and all(set(t.split()[1:]) == {f.object for f in a.facts if f.subject == t.split()[0]}
+                                      for t in profile)
     with pytest.raises(ValueError, match="Unknown relation"):
         make_fact_world(5, relations=["spouse"])
 
