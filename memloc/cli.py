@@ -52,6 +52,13 @@ def _add_train_args(p: argparse.ArgumentParser, default_out: str | None) -> None
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """--seed, --threads, --quiet: the same on every analysis command."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _train_from_args(a: argparse.Namespace):
     import torch
 
@@ -359,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-weight", type=float, default=1.0, help="ablate: weight of the keep-the-batch term")
     p.add_argument("--noise-samples", type=int, default=0, help="ablate: Gaussian input samples averaged")
     p.add_argument("--max-units", type=int, default=64, help="ablate: cap on zeroed units per example")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    _add_common(p)
 
     p = sub.add_parser("probe", help="what memorizing layers look like: similarity, dimension, k-NN probes")
     p.add_argument("run", help="a finished run folder (model A)")
@@ -372,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=2000, help="examples sampled per analysis (%(default)s)")
     p.add_argument("--estimator", default="twonn", choices=["twonn", "mle"])
     p.add_argument("--out", default=None, help="folder for tables and figures (default RUN/probe)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    _add_common(p)
 
     p = sub.add_parser("scores", help="which examples are memorized: per-example scores and their AUROC")
     p.add_argument("run", help="a finished run folder")
@@ -396,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ensemble-lr", type=float, default=1e-2)
     p.add_argument("--ensemble-batch-size", type=int, default=32)
     p.add_argument("--out", default=None, help="folder for tables and figures (default RUN/scores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    _add_common(p)
 
     p = sub.add_parser("sweep", help="run a declarative sweep (TOML spec) locally or on Ray; resumable")
     p.add_argument("spec", help="a TOML sweep spec (see memloc.sweep)")
@@ -416,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
     p.add_argument("--facts", type=int, default=90, help="trace: facts traced (%(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    _add_common(p)
 
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")

@@ -87,18 +87,30 @@ def require_eval(model: nn.Module, what: str = "This analysis") -> None:
 
 
 @contextmanager
-def hooks(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor], Any]]) -> Iterator[dict[str, nn.Module]]:
+def hooks(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor], Any]],
+          inputs: bool = False) -> Iterator[dict[str, nn.Module]]:
     """Run ``fn(output)`` on each site's output during forward passes inside the block.
 
-    ``fn`` may return ``None`` (observe only) or a tensor that replaces the site's output (intervene). All
+    ``fn`` may return ``None`` (observe only) or a tensor that replaces the site's output (intervene). With
+    ``inputs=True``, ``fn`` sees the site's first positional input instead (a returned tensor replaces it). All
     sites are resolved before any hook is attached, and every hook is removed on exit, also on exceptions.
     """
     mods = resolve_sites(model, list(fns))
     handles = []
+
+    def pre_hook(fn):
+        def call(m, args):
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        return call
+
     try:
         for name, mod in mods.items():
             fn = fns[name]
-            handles.append(mod.register_forward_hook(lambda m, inp, out, fn=fn: fn(out)))
+            if inputs:
+                handles.append(mod.register_forward_pre_hook(pre_hook(fn)))
+            else:
+                handles.append(mod.register_forward_hook(lambda m, inp, out, fn=fn: fn(out)))
         yield mods
     finally:
         for h in handles:
@@ -247,17 +259,7 @@ def capture(model: nn.Module, data, sites: str | Sequence[str], batch_size: int 
             store[name].append((reduce(a) if reduce else a).cpu())
         return fn
 
-    if inputs:
-        mods = resolve_sites(model, names)
-        handles = [m.register_forward_pre_hook(lambda mod, inp, fn=keeper(n): fn(inp[0])) for n, m in mods.items()]
-        try:
-            for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
-                pass
-        finally:
-            for h in handles:
-                h.remove()
-    else:
-        with hooks(model, {n: keeper(n) for n in names}):
-            for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
-                pass
+    with hooks(model, {n: keeper(n) for n in names}, inputs=inputs):
+        for _ in batched_forward(model, data, batch_size, progress, desc="capture"):
+            pass  # the hooks store the activations; the logits are not needed
     return {n: torch.cat(v) if v else torch.empty(0) for n, v in store.items()}

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .results import atomic_path, load_result, save_result
+from .results import atomic_path, load_result, make_result, save_result
 
 __all__ = ["investigate", "DEFAULTS"]
 
@@ -68,8 +68,9 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     def score_table():
         a = scores.dynamics_scores(run)
         b = scores.checkpoint_scores(run, epochs=pick, progress=progress)
-        return pd.merge(a, b.drop(columns="group"), on="example_id").pipe(
-            lambda d: _with(d, {**a.attrs["settings"], "checkpoints": pick, "n_directions": 10, "h": 1e-3}))
+        return make_result(pd.merge(a, b.drop(columns="group"), on="example_id"),
+                           **a.attrs["settings"],
+                           checkpoint_scores={k: v for k, v in b.attrs["settings"].items() if k != "config"})
 
     sc = _step(out, "scores", score_table, log)
     auc = _step(out, "auroc", lambda: scores.auroc_table(sc), log)
@@ -110,11 +111,6 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     log("findings:\n" + "\n".join(f"- {f}" for f in findings))
     log(f"report: {out / 'index.html'}")
     return out / "index.html"
-
-
-def _with(df: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    from .results import make_result
-    return make_result(df, **settings)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

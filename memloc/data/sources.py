@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -41,13 +42,9 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
     args.update(overrides, num_samples=num_samples, train_split=train_split, seed=seed)
     args.pop("url", None)
 
-    class _Args:  # make_dataset reads attributes
-        pass
-
     key = json.dumps(args, sort_keys=True)
     if key not in _MNIST1D_CACHE:
-        ns = _Args()
-        ns.__dict__.update(args)
+        ns = SimpleNamespace(**args)  # make_dataset reads attributes
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             _MNIST1D_CACHE[key] = make_dataset(ns)

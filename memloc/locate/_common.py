@@ -1,7 +1,6 @@
 """Shared helpers of the localisation methods: layer parameters, group accuracy of a model on a run's data."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -66,6 +65,3 @@ def seeded_generator(*parts: int) -> torch.Generator:
         seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
     return torch.Generator().manual_seed(seed)
 
-
-def as_numpy_bool(mask) -> np.ndarray:
-    return np.asarray(mask, dtype=bool)

@@ -136,7 +136,7 @@ def _masked_forward(model: nn.Module, units: Units, keep: torch.Tensor, x: torch
         return model(x)
 
 
-def _rows_for(data: Dataset, train: Dataset, pos: list[int], ids: list[int], m: int, seed: int):
+def _rows_for(train: Dataset, pos: list[int], ids: list[int], m: int, seed: int):
     xs, ys = [], []
     for p, eid in zip(pos, ids):
         others = _other_rows(seed, eid, p, len(train), m)
@@ -156,7 +156,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
     final_pred = torch.full((T,), -1, dtype=torch.long)
     bar = tqdm(total=T, desc="greedy ablation", disable=not progress, leave=False)
     rows_done = 0
-    x_all, y_all = _rows_for(None, train, pos, ids, m, seed)
+    x_all, y_all = _rows_for(train, pos, ids, m, seed)
     rows_per = m + 1
     step = 0
     while not done.all():
@@ -225,7 +225,7 @@ def _loop_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise_sa
                       for pn, p in mods[sub].named_parameters(recurse=False)] for layer in units.layers}
     zeroed_all, flipped_all, preds = [], [], []
     for t in tqdm(range(len(pos)), desc="greedy ablation (loop)", disable=not progress, leave=False):
-        x, y = _rows_for(None, train, [pos[t]], [ids[t]], m, seed)
+        x, y = _rows_for(train, [pos[t]], [ids[t]], m, seed)
         zeroed: list[int] = []
         step = 0
         while True:
