@@ -342,6 +342,42 @@ def _lm(a: argparse.Namespace) -> None:
     print(f"wrote {out}/trace_*.parquet and .png")
 
 
+def _unlearn(a: argparse.Namespace) -> None:
+    """Every unlearning method (or the chosen ones) against an oracle retrained without the forget set."""
+    import pandas as pd
+
+    from .edit.unlearn import METHODS, compare_unlearning
+
+    run = _finished_run(a.run, a.threads)
+    forget = a.forget if a.forget == "noisy" else [int(i) for i in a.forget.split(",") if i.strip()]
+    methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
+    params: dict = {}
+    for key, value in _kv(a.param).items():
+        if "." not in key:
+            raise ValueError(f"--param takes METHOD.KEY=VALUE (e.g. npo.steps=200); got {key!r}. Methods: "
+                             f"{list(METHODS)}.")
+        m, k = key.split(".", 1)
+        params.setdefault(m, {})[k] = value
+    table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet)
+    s = table.attrs["settings"]
+    c = run.config
+    print(f"run: {run.path} ({c.model} on {c.dataset}, {c.noise:.0%} flipped, seed {c.seed}); forget set "
+          f"{s['forget']!r}: {s['n_forget']} examples, retain {s['n_retain']}, held-out (test) {s['n_holdout']}")
+    print(f"oracle: {s['oracle']} (the same config retrained without the forget set, {s['oracle_epochs']} epochs)")
+    print(f"method seed {s['seed']}; parameters (memloc.edit.unlearn.DEFAULTS unless --param):")
+    for m, p in s["params"].items():
+        print(f"  {m}: {json.dumps(p)}")
+    print(f"forget quality = KS test of per-example forget losses vs the oracle's; power check (original vs "
+          f"oracle): p = {s['ks_power_p']:.2g} -> " + ("the test can tell them apart" if s["ks_can_tell"] else
+                                                      "the test CANNOT tell (ks_p means nothing here)"))
+    print(f"mia_auc: {s['mia']}; forget_acc against the flipped (training) labels, forget_acc_original against "
+          "the true ones; steps = optimiser steps (oracle: its training)")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.drop(columns=["ks_can_tell", "forget_loss"]).round(3).to_string(index=False))
+    folder = Path(s["oracle"]).parent
+    print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -419,6 +455,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--facts", type=int, default=90, help="trace: facts traced (%(default)s)")
     _add_common(p)
 
+    p = sub.add_parser("unlearn", help="remove the forget set with each unlearning method; compare with an oracle "
+                                       "retrained without it")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--forget", default="noisy",
+                   help="'noisy' (the flipped examples, default) or comma-separated training example ids")
+    p.add_argument("--method", default="all", help="all | comma-separated names among zero_units, grad_ascent, "
+                                                   "grad_diff, npo, finetune, reset_finetune, random_reset")
+    p.add_argument("--param", action="append", metavar="METHOD.KEY=VALUE",
+                   help="override a method default, repeatable (e.g. npo.steps=200, reset_finetune.fraction=0.1)")
+    p.add_argument("--out", default=None, help="folder (default RUN/unlearn; results go to OUT/<forget set>/)")
+    _add_common(p)
+
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print summary.json as is")
@@ -445,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{out}/results.parquet, {out}/summary.png")
         elif a.command == "lm":
             _lm(a)
+        elif a.command == "unlearn":
+            _unlearn(a)
         elif a.command == "summary":
             from .train import Run, format_summary
 

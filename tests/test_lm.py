@@ -39,13 +39,6 @@ def test_tokenizer_round_trip():
         tok.id("zebra")
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    world = make_fact_world(40, n_canaries=4, canary_digits=3, canary_repeats=(1, 8), seed=0)
-    return train_lm(world, tmp_path_factory.mktemp("lm") / "lm", n_layers=2, d_model=64, d_mlp=256, epochs=200,
-                    lr=3e-3, progress=False)
-
-
 def test_testbed_memorizes_facts_and_repeated_canaries(lm):
     s = lm.summary
     assert s["fact_recall_train_templates"] >= 0.95

@@ -377,3 +377,23 @@ def plot_trace(df: pd.DataFrame, tokens: list[str] | None = None, title: str | N
     ax.set_title(title or f"causal trace ({s.get('kind')}), noise {s.get('noise', 0):.3g}, {s.get('samples')} samples",
                  fontsize=9)
     return fig
+
+
+def plot_edits(summary: pd.DataFrame):
+    """Grouped bars of the edit metrics (percent) per condition, from :func:`memloc.edit.evaluate.summarize`."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = [c for c in ("es", "ps", "ns", "neighbour_acc", "other_acc", "unedited_acc") if c in summary]
+    labels = {"es": "efficacy", "ps": "paraphrase", "ns": "neighbourhood", "neighbour_acc": "neighbour acc.",
+              "other_acc": "subject's other facts", "unedited_acc": "unedited subjects' facts"}
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols), 3.8), constrained_layout=True)
+    width = 0.8 / len(summary)
+    x = np.arange(len(cols))
+    for i, (_, row) in enumerate(summary.iterrows()):
+        ax.bar(x + i * width - 0.4 + width / 2, [row.get(c, np.nan) for c in cols], width, label=row.condition)
+    ax.set_xticks(x, [labels[c] for c in cols], rotation=15)
+    ax.set(ylabel="%", ylim=(0, 105), title="Edits on the fact-world testbed")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    return fig

@@ -84,9 +84,10 @@ def _save_model(model, path: Path) -> None:
 
 def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: int = 128, n_heads: int = 4,
              d_mlp: int = 512, epochs: int = 300, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 64,
-             target_recall: float = 1.0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> LMRun:
+             target_recall: float = 1.0, min_epochs: int = 0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> LMRun:
     """Train a tiny transformer on ``world.training_text()`` until it recalls every fact from its training
-    prompts (top-1 object, ``target_recall``) and every canary repeated more than once, or ``epochs`` run out.
+    prompts (top-1 object, ``target_recall``) and every canary repeated more than once (and at least
+    ``min_epochs`` have run), or ``epochs`` run out.
 
     AdamW, constant learning rate, data order seeded by ``(seed, epoch)``. An existing finished run in ``out`` is
     returned as is (``overwrite`` retrains).
@@ -105,7 +106,7 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
     write_json(world.to_json(), out / "world.json")
     tok.save(out / "tokenizer.json")
     settings = {"model": cfg, "seed": seed, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-                "max_epochs": epochs, "target_recall": target_recall, "n_sentences": len(text)}
+                "max_epochs": epochs, "min_epochs": min_epochs, "target_recall": target_recall, "n_sentences": len(text)}
     write_json(settings, out / "config.json")
     model = build_tiny_transformer(cfg, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -129,7 +130,7 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
             repeated = canaries[canaries.repeats > 1].extracted
             bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall:.3f}",
                             canaries=f"{canaries.extracted.mean():.2f}")
-            if recall >= target_recall and repeated.all():
+            if recall >= target_recall and repeated.all() and epoch >= min_epochs:
                 break
     model.eval()
     _save_model(model, out / "model.safetensors")

@@ -1,0 +1,393 @@
+"""Rank-one model editing (ROME, Meng et al. 2022) and MEMIT (Meng et al. 2023) on TransformerLens models.
+
+An MLP's output matrix ``W`` (site ``blocks.{l}.mlp.out``: its input is the hidden activation, the *key* ``k``, its
+output the MLP's contribution to the residual stream, the *value*) is treated as a linear associative memory.
+
+**ROME** rewrites one fact ``(subject, prompt) -> target_new`` at one layer:
+
+1. ``k*``: the key at the subject's last token, averaged over ``context_templates`` (the original uses 20
+   model-generated prefixes; the tiny testbed, trained on single sentences, uses the bare prompt).
+2. ``v* = h + delta``: ``h`` is the MLP output at that token; ``delta`` is optimised (Adam, ``v_lr`` 0.5,
+   ``v_steps`` 20, stop when the loss is below 0.05) so that the model predicts ``target_new``: mean target NLL
+   (teacher forcing) + ``kl_factor`` (0.0625) x KL(current || initial) of the next-token distribution at the
+   subject of the ``kl_prompts`` ("{} is a") + ``v_weight_decay`` (0.5) x ``|delta| / |h|^2``; after every step
+   ``|delta|`` is clamped to ``clamp_norm_factor`` (4) x ``|h|``. These are the constants of kmeng01/rome's GPT-2 XL
+   configuration, including its KL direction and its unsquared decay term.
+3. ``W' = W + (v* - W k - b) (C^-1 k*)^T / ((C^-1 k*)^T k)``, with ``k`` the key of the bare prompt, so the edited
+   key maps to ``v*`` exactly; ``C = E[k k^T]`` is the uncentred second moment of keys over text the model was
+   trained on (:func:`key_second_moment`); ``C = None`` uses the identity (EasyEdit's default) for comparison.
+
+**MEMIT** rewrites many facts over several layers: targets ``z_i = h_L + delta_i`` of the residual stream after
+the last edited layer ``L`` (same loss, ``clamp_norm_factor`` 0.75), then, layer by layer from the bottom, ``Delta W_l
+= R_l [(lambda C_l + K K^T)^-1 K]^T`` with ``R_l`` the remaining error at ``L`` divided by the number of layers left
+(``lambda`` = ``mom2_update_weight``).
+
+An :class:`Edit` holds weight deltas by parameter name; ``with edit.applied(model):`` applies it and restores every
+weight bit for bit on exit (it is :func:`memloc.hooks.replace_parameters`); ``edit.apply(model)`` applies it for
+good and returns a function that undoes it exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..hooks import hooks, replace_parameters, require_eval
+
+__all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "key_second_moment", "subject_last_index",
+           "mlp_out_weight", "OUT_MODULE", "RESID"]
+
+OUT_MODULE = "blocks.{}.mlp.out"  # attribute path of the MLP output projection
+KEY, VALUE = OUT_MODULE + ".hook_in", OUT_MODULE + ".hook_out"  # hook points on its input and output
+RESID = "blocks.{}.hook_resid_post"
+
+
+@dataclass(frozen=True)
+class Request:
+    """Rewrite ``prompt.format(subject) -> target_new`` (``target_true``: the current object, for evaluation)."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    def __post_init__(self):
+        if self.prompt.count("{}") != 1:
+            raise ValueError(f"A request's prompt must contain '{{}}' once, where the subject goes; "
+                             f"got {self.prompt!r}.")
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+
+@dataclass
+class EditConfig:
+    """Hyperparameters of the value optimisation and the update (defaults: kmeng01/rome, GPT-2 XL)."""
+
+    v_lr: float = 0.5
+    v_steps: int = 20
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop: float = 0.05
+    context_templates: tuple[str, ...] = ("{}",)
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    mom2_update_weight: float = 15000.0  # MEMIT's lambda
+
+    @classmethod
+    def memit(cls, **kw) -> "EditConfig":
+        """MEMIT's defaults: ``clamp_norm_factor`` 0.75."""
+        return cls(**{"clamp_norm_factor": 0.75, **kw})
+
+
+@dataclass
+class Edit:
+    """Weight deltas ``{parameter name: delta}`` and diagnostics (``info``)."""
+
+    deltas: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+    def _new_values(self, model) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {n: params[n].detach() + d.to(params[n].dtype) for n, d in self.deltas.items()}
+
+    def applied(self, model):
+        """Context manager: the model is edited inside the block and restored bit for bit on exit."""
+        return replace_parameters(model, self._new_values(model))
+
+    def apply(self, model) -> Callable[[], None]:
+        """Apply the edit for good; returns ``undo()``, which restores the original weights bit for bit."""
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.deltas}
+        new = self._new_values(model)
+        with torch.no_grad():
+            for n, v in new.items():
+                params[n].copy_(v)
+
+        def undo():
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+        return undo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenization and positions
+
+
+def _encode(tokenizer, text: str, bos: bool = True) -> list[int]:
+    """Token ids with memloc's :class:`~memloc.data.facts.WordTokenizer` or a Hugging Face tokenizer."""
+    try:
+        return list(tokenizer.encode(text, bos=bos))
+    except TypeError:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        return [bos_id] + ids if bos and bos_id is not None else ids
+
+
+def subject_last_index(tokenizer, prompt: str, subject: str) -> int:
+    """Index of the subject's last token in ``_encode(prompt.format(subject))`` (the subject's first occurrence)."""
+    text = prompt.format(subject)
+    end = prompt.index("{}") + len(subject)
+    n = len(_encode(tokenizer, text[:end]))
+    full = _encode(tokenizer, text)
+    if full[:n] != _encode(tokenizer, text[:end]):
+        raise ValueError(f"The subject {subject!r} does not end on a token boundary in {text!r}.")
+    return n - 1
+
+
+def _target_ids(tokenizer, target: str) -> list[int]:
+    ids = _encode(tokenizer, " " + target, bos=False)
+    if not ids:
+        raise ValueError(f"The target {target!r} encodes to no tokens.")
+    return ids
+
+
+def _pad(seqs: list[list[int]], pad: int = 0) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad] * (T - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_id", "pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the MLP output matrix, keys and their second moment
+
+
+def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, torch.nn.Parameter, bool]:
+    """``(parameter name, weight, transposed)`` of layer ``layer``'s MLP output matrix. ``transposed`` is True for
+    Hugging Face ``Conv1D`` weights stored ``[in, out]`` (GPT-2); ``nn.Linear`` stores ``[out, in]``."""
+    mod = model
+    try:
+        for part in module.format(layer).split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"The model has no MLP output module {module.format(layer)!r} (a TransformerBridge has "
+                         f"blocks.L.mlp.out): {e}") from None
+    weights = [p for p in mod.parameters() if p.ndim == 2]
+    if len(weights) != 1:
+        raise ValueError(f"{module.format(layer)!r} must hold one weight matrix; it holds {len(weights)}.")
+    w = weights[0]
+    name = next(n for n, p in model.named_parameters() if p is w)
+    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
+    conv = any(type(m).__name__ == "Conv1D" for m in mod.modules())
+    if tuple(w.shape) == (d_mlp, d_model) and (conv or d_mlp != d_model):
+        return name, w, True
+    if tuple(w.shape) == (d_model, d_mlp):
+        return name, w, False
+    raise ValueError(f"Unexpected MLP output weight shape {tuple(w.shape)} (d_model {d_model}, d_mlp {d_mlp}).")
+
+
+def _io_at(model, tokens: torch.Tensor, rows_pos: tuple[torch.Tensor, torch.Tensor],
+           layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input (key) and output (value) of the MLP output module at the given (row, position) pairs."""
+    got = {}
+    with torch.no_grad(), hooks(model, {KEY.format(layer): lambda x: got.__setitem__("k", x.detach()),
+                                        VALUE.format(layer): lambda y: got.__setitem__("v", y.detach())}):
+        model(tokens)
+    r, p = rows_pos
+    return got["k"][r, p].double(), got["v"][r, p].double()
+
+
+def key_second_moment(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 128) -> torch.Tensor:
+    """Uncentred second moment ``C = E[k k^T]`` (float64 ``[d_mlp, d_mlp]``) of the MLP keys of ``layer`` over every
+    non-padding token of ``texts`` (accumulated batch by batch, so memory is one batch plus ``C``).
+    ``C.count`` holds the number of tokens."""
+    require_eval(model, "Key statistics")
+    if not texts:
+        raise ValueError("No texts given for the key statistics.")
+    site = KEY.format(layer)
+    C, n = None, 0
+    for s in range(0, len(texts), batch_size):
+        enc = [_encode(tokenizer, t) for t in texts[s:s + batch_size]]
+        toks = _pad(enc, _pad_id(tokenizer))
+        mask = torch.zeros(toks.shape, dtype=torch.bool)
+        for i, e in enumerate(enc):
+            mask[i, :len(e)] = True
+        got = {}
+        with torch.no_grad(), hooks(model, {site: lambda x: got.__setitem__("k", x.detach())}):
+            model(toks)
+        k = got["k"][mask].double()
+        C = k.T @ k if C is None else C + k.T @ k
+        n += len(k)
+    C = C / n
+    C.count = n
+    return C
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# value optimisation (shared by ROME and MEMIT)
+
+
+def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig) -> tuple[torch.Tensor, dict]:
+    """``(h + delta, diagnostics)``: the representation at ``site`` (subject's last token) that makes the model
+    predict ``req.target_new``."""
+    tgt = _target_ids(tokenizer, req.target_new)
+    rewrite = [c.format(req.prompt) for c in cfg.context_templates]
+    prompts = rewrite + list(cfg.kl_prompts)
+    seqs, look, starts = [], [], []
+    for i, p in enumerate(prompts):
+        ids = _encode(tokenizer, p.format(req.subject))
+        look.append(subject_last_index(tokenizer, p, req.subject))
+        starts.append(len(ids))
+        seqs.append(ids + (tgt[:-1] if i < len(rewrite) else []))
+    toks = _pad(seqs, _pad_id(tokenizer))
+    rows, look_t = torch.arange(len(prompts)), torch.tensor(look)
+    nr, nt = len(rewrite), len(tgt)
+    pred_pos = torch.tensor([[starts[i] - 1 + j for j in range(nt)] for i in range(nr)])  # [nr, nt]
+    tgt_t = torch.tensor(tgt)
+    kl_rows = torch.arange(nr, len(prompts))
+
+    delta = torch.zeros(model.cfg.d_model, requires_grad=True)
+    state = {"h": None}
+
+    def add_delta(out):
+        if state["h"] is None:
+            state["h"] = out[0, look_t[0]].detach().clone()
+        out = out.clone()
+        out[rows, look_t] = out[rows, look_t] + delta.to(out.dtype)
+        return out
+
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    kl_init, losses = None, []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)  # only delta is optimised
+    try:
+        for step in range(cfg.v_steps):
+            opt.zero_grad()
+            with hooks(model, {site: add_delta}):
+                logits = model(toks).float()
+            lp = torch.log_softmax(logits, -1)
+            nll = -lp[torch.arange(nr)[:, None], pred_pos, tgt_t[None]].mean(1).mean()
+            kl_lp = lp[kl_rows, look_t[kl_rows]]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            h_norm = state["h"].norm()
+            loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h_norm ** 2
+            losses.append((nll.item(), kl.item()))
+            if loss.item() < cfg.early_stop or step == cfg.v_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = cfg.clamp_norm_factor * h_norm
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    h = state["h"].double()
+    info = {"nll_start": losses[0][0], "nll_end": losses[-1][0], "kl_end": losses[-1][1], "steps": len(losses),
+            "delta_norm": delta.norm().item(), "h_norm": h.norm().item()}
+    return h + delta.detach().double(), info
+
+
+def _mean_keys(model, tokenizer, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
+    """``[n, d_mlp]``: each request's key at the subject's last token, averaged over the context templates."""
+    seqs, rows, pos = [], [], []
+    for r in reqs:
+        for c in cfg.context_templates:
+            p = c.format(r.prompt)
+            seqs.append(_encode(tokenizer, p.format(r.subject)))
+            pos.append(subject_last_index(tokenizer, p, r.subject))
+    toks = _pad(seqs, _pad_id(tokenizer))
+    k, _ = _io_at(model, toks, (torch.arange(len(seqs)), torch.tensor(pos)), layer)
+    return k.view(len(reqs), len(cfg.context_templates), -1).mean(1)
+
+
+def _bare(model, tokenizer, reqs: Sequence[Request], layer: int, site: str | None = None):
+    """Key and value (or, with ``site``, that site's output) at the subject's last token of the bare prompts."""
+    seqs = [_encode(tokenizer, r.text) for r in reqs]
+    pos = torch.tensor([subject_last_index(tokenizer, r.prompt, r.subject) for r in reqs])
+    toks = _pad(seqs, _pad_id(tokenizer))
+    rows = torch.arange(len(reqs))
+    if site is None:
+        return _io_at(model, toks, (rows, pos), layer)
+    got = {}
+    with torch.no_grad(), hooks(model, {site: lambda y: got.__setitem__("h", y.detach())}):
+        model(toks)
+    return got["h"][rows, pos].double()
+
+
+def _as_delta(upd: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``upd`` is ``[d_model, d_mlp]`` (Linear orientation)."""
+    return (upd.T if transposed else upd).to(w.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROME and MEMIT
+
+
+def rome(model, tokenizer, request: Request, layer: int, C: torch.Tensor | None = None,
+         config: EditConfig | None = None) -> Edit:
+    """A ROME edit of ``request`` at ``layer`` (see the module docstring). ``C``: the layer's key second moment
+    from :func:`key_second_moment`; ``None`` uses the identity. The model is not modified."""
+    require_eval(model, "ROME")
+    cfg = config or EditConfig()
+    name, w, transposed = mlp_out_weight(model, layer)
+    v_star, info = _optimize_target(model, tokenizer, request, VALUE.format(layer), cfg)
+    k_star = _mean_keys(model, tokenizer, [request], layer, cfg)[0]
+    u = torch.linalg.solve(C.double(), k_star) if C is not None else k_star.clone()
+    u = u / u.norm()
+    k, v = (t[0] for t in _bare(model, tokenizer, [request], layer))
+    right = (v_star - v) / (k @ u)
+    upd = torch.outer(right, u)
+    edit = Edit({name: _as_delta(upd, w, transposed)}, {})
+    with edit.applied(model):
+        _, v_new = (t[0] for t in _bare(model, tokenizer, [request], layer))
+    info.update(method="rome", layer=layer, covariance="data" if C is not None else "identity",
+                rel_error=float((v_new - v_star).norm() / v_star.norm()), config=asdict(cfg), request=asdict(request))
+    edit.info = info
+    return edit
+
+
+def memit(model, tokenizer, requests: Sequence[Request], layers: Sequence[int],
+          C: dict[int, torch.Tensor] | None = None, config: EditConfig | None = None,
+          progress: bool = False) -> Edit:
+    """One MEMIT edit for all ``requests`` spread over ``layers`` (see the module docstring). ``C``: ``{layer:
+    key second moment}``; missing layers use the identity. The model is not modified."""
+    from tqdm.auto import tqdm
+
+    require_eval(model, "MEMIT")
+    cfg = config or EditConfig.memit()
+    requests, layers = list(requests), sorted(int(l) for l in layers)
+    if not requests or not layers:
+        raise ValueError("MEMIT needs at least one request and one layer.")
+    L = layers[-1]
+    zs, infos = [], []
+    for r in tqdm(requests, desc="MEMIT targets", disable=not progress, leave=False):
+        z, info = _optimize_target(model, tokenizer, r, RESID.format(L), cfg)
+        zs.append(z)
+        infos.append(info)
+    Z = torch.stack(zs)  # [n, d_model]
+    deltas = {}
+    with contextlib.ExitStack() as stack:
+        for i, l in enumerate(layers):
+            name, w, transposed = mlp_out_weight(model, l)
+            K = _mean_keys(model, tokenizer, requests, l, cfg).T  # [d_mlp, n]
+            cur = _bare(model, tokenizer, requests, l, RESID.format(L))  # [n, d_model]
+            R = (Z - cur).T / (len(layers) - i)  # [d_model, n]
+            Cl = C.get(l) if C else None
+            Cl = torch.eye(K.shape[0], dtype=torch.float64) if Cl is None else Cl.double()
+            adj = torch.linalg.solve(cfg.mom2_update_weight * Cl + K @ K.T, K)  # [d_mlp, n]
+            d = _as_delta(R @ adj.T, w, transposed)
+            deltas[name] = d
+            stack.enter_context(Edit({name: d}).applied(model))
+        final = _bare(model, tokenizer, requests, L, RESID.format(L))
+    info = {"method": "memit", "layers": layers, "n_requests": len(requests),
+            "covariance": "data" if C else "identity", "config": asdict(cfg),
+            "target_rel_error": float(((final - Z).norm(dim=1) / Z.norm(dim=1)).mean()),
+            "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos))}
+    return Edit(deltas, info)
