@@ -28,6 +28,8 @@ bench: install
 	$(PY) benchmarks/ablate.py
 	$(PY) benchmarks/probes.py
 	$(PY) benchmarks/scores.py
+	$(PY) benchmarks/edit.py
+	$(PY) benchmarks/unlearn.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

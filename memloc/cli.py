@@ -86,6 +86,11 @@ def _investigate(a: argparse.Namespace) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.preset == "lm":
+        from .report import investigate_lm
+
+        investigate_lm(a.out if a.out != "reports/default" else "reports/lm", seed=a.seed, progress=not a.quiet)
+        return
     overrides = {"optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay, "schedule": a.schedule,
                  "batch_size": a.batch_size, "epochs": a.epochs, "stop_at_train_acc": a.stop_at or None,
                  "dataset_kwargs": _kv(a.data_arg), "model_kwargs": _kv(a.model_arg)}
@@ -327,6 +332,9 @@ def _lm(a: argparse.Namespace) -> None:
         save_result(ex, out / "exposure.parquet")
         print(ex.round(3).to_string(index=False))
         return
+    if a.action == "neurons":
+        _neurons(a, model, tok, world, out)
+        return
     from .analyses.plots import plot_trace, save_figure
     from .locate.trace import trace_facts
 
@@ -378,6 +386,110 @@ def _unlearn(a: argparse.Namespace) -> None:
     print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
 
 
+def _neurons(a, model, tok, world, out) -> None:
+    from .analyses.plots import plot_knowledge_neurons, save_figure
+    from .locate.knowledge import intervene_knowledge_neurons, knowledge_neurons
+    from .results import save_result
+
+    kn = knowledge_neurons(model, tok, world, world.facts[:a.facts], steps=a.steps, progress=not a.quiet)
+    st = kn.attrs["settings"]
+    save_result(kn, out / "knowledge_neurons.parquet")
+    effects = {}
+    for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
+        for split in ("train", "heldout"):
+            effects[(name, split)] = intervene_knowledge_neurons(model, tok, world, kn, factor, split=split,
+                                                                 seed=a.seed)
+            save_result(effects[(name, split)], out / f"knowledge_{name}_{split}.parquet")
+    save_figure(plot_knowledge_neurons(kn, effects), out / "knowledge_neurons.png")
+    print(f"knowledge neurons: {st['n_facts']} facts, {st['steps']} IG steps ({st['method']}), threshold "
+          f"{st['threshold']} x max, shared by >= {st['share']} of {st['n_prompts'] // st['n_facts']} prompts; "
+          f"{st['neurons_per_fact']:.1f} neurons per fact; completeness error {st['completeness_rel_error']:.1e}")
+    print(f"neurons per layer: {kn.groupby('layer').size().to_dict()}")
+    for (name, split), df in effects.items():
+        print(f"{name:8s} ({split:7s} prompts): P(object) change {df.change.mean():+.1%} vs {df.random_change.mean():+.1%} "
+              f"with as many random neurons; unrelated facts {df.unrelated_change.mean():+.1%}")
+    print(f"wrote {out}/knowledge_*.parquet and knowledge_neurons.png")
+
+
+def _edit(a: argparse.Namespace) -> None:
+    """ROME / MEMIT on a language-model run: one edit (--subject/--relation/--new) or the edit benchmark."""
+    import torch
+
+    from .edit.evaluate import compare_editors, request_scores
+    from .edit.rome import Request, key_second_moment, rome
+    from .models.transformer import LMRun
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = LMRun(a.run)
+    model, tok, world = run.model(), run.tokenizer, run.world
+    if a.subject is None:
+        out = Path(a.out or run.path / "edit")
+        table = compare_editors(model, tok, world, out, n=a.n, layer=a.layer,
+                                memit_layers=[int(x) for x in a.memit_layers.split(",")], seed=a.seed,
+                                progress=not a.quiet)
+        st = table.attrs["settings"]
+        print(f"edits on {run.path}: {st['n']} requests (seed {st['seed']}, distinct subjects), ROME at layer "
+              f"{st['layer']} (v: {st['rome_config']['v_steps']} Adam steps, lr {st['rome_config']['v_lr']}, "
+              f"KL {st['rome_config']['kl_factor']}, clamp {st['rome_config']['clamp_norm_factor']}), MEMIT at "
+              f"layers {st['memit_layers']} (lambda {st['memit_config']['mom2_update_weight']}, clamp "
+              f"{st['memit_config']['clamp_norm_factor']}); C from the {st['key_statistics']}. Percent:")
+        print(table.to_string(index=False))
+        print(f"wrote {out}/ (one parquet per condition, summary.parquet, summary.png)")
+        return
+    if a.relation is None or a.new is None:
+        raise ValueError("A single edit needs --subject, --relation and --new (leave all three out for the "
+                         "edit benchmark).")
+    if a.relation not in world.relations:
+        raise ValueError(f"Unknown relation {a.relation!r}; this world has {sorted(world.relations)}.")
+    fact = next((f for f in world.facts if f.subject == a.subject and f.relation == a.relation), None)
+    if fact is None:
+        raise ValueError(f"No fact ({a.subject!r}, {a.relation!r}) in this world; subjects are e.g. "
+                         f"{world.subjects[:5]}.")
+    tok.id(a.new)
+    template = world.relations[a.relation][1][0].replace("{s}", "{}")
+    req = Request(template, a.subject, a.new, fact.object)
+    C = key_second_moment(model, tok, world.training_text(), a.layer) if a.covariance == "data" else None
+    from .edit.rome import EditConfig
+    edit = rome(model, tok, req, a.layer, C, EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp))
+    before = request_scores(model, tok, world, [(fact, req)])
+    with edit.applied(model):
+        after = request_scores(model, tok, world, [(fact, req)])
+        prompts = world.prompts(fact, "train") + world.prompts(fact, "heldout")
+        from .analyses.lm import next_token_logprobs
+        pred_after = [tok.vocab[int(i)] for i in next_token_logprobs(model, tok, prompts).argmax(1)]
+    pred_before = [tok.vocab[int(i)] for i in next_token_logprobs(model, tok, prompts).argmax(1)]
+    print(f"ROME at layer {a.layer} (C {a.covariance}): {a.subject} {a.relation} {fact.object} -> {a.new}; "
+          f"|W'k - v*| / |v*| = {edit.info['rel_error']:.1e}")
+    for p, b, c in zip(prompts, pred_before, pred_after):
+        print(f"  {p!r:40s} {b:>8s} -> {c}")
+    info = edit.info
+    if not after.top1.item():
+        print(f"note: {a.new!r} is not the top prediction: the value optimisation stopped at target NLL "
+              f"{info['nll_end']:.2f} after {info['steps']} steps with |delta| = {info['delta_norm']:.1f} (clamp "
+              f"{info['config']['clamp_norm_factor']} x |h| = {info['config']['clamp_norm_factor'] * info['h_norm']:.1f});"
+              f" try --v-steps 50 or --clamp 8")
+    cols = ["es", "ps", "ns", "neighbour_acc", "other_acc"]
+    print("before:", before[cols].round(2).to_dict("records")[0])
+    print("after: ", after[cols].round(2).to_dict("records")[0])
+    if a.save:
+        import shutil
+
+        from .models.transformer import _save_model
+        dest = Path(a.save)
+        if dest.exists() and any(dest.iterdir()):
+            raise FileExistsError(f"{dest} exists and is not empty; choose another --save folder.")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "world.json", "tokenizer.json"):
+            shutil.copy(run.path / name, dest / name)
+        undo = edit.apply(model)
+        _save_model(model, dest / "model.safetensors")
+        undo()
+        from .results import write_json
+        write_json({**(run.summary or {}), "edit": {k: v for k, v in edit.info.items()}}, dest / "summary.json")
+        print(f"wrote the edited model to {dest}/ (open it with memloc.models.transformer.LMRun)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -388,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("investigate", help="the main job: train the testbed, score, locate, probe, write a report")
     _add_train_args(p, default_out="reports/default")
     p.add_argument("--ablate-per-group", type=int, default=100, help="clean and noisy examples to flip (%(default)s)")
+    p.add_argument("--preset", default="classifier", choices=["classifier", "lm"],
+                   help="classifier (default): the flipped-label testbed; lm: the language-model testbed (tracing, "
+                        "knowledge neurons, edits, unlearning) into reports/lm unless --out is given")
 
     p = sub.add_parser("locate", help="where is memorization stored? rewind | retrain | ablate | dropout")
     p.add_argument("run", help="a finished run folder")
@@ -446,13 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("lm", help="language-model testbed: train a tiny transformer on a fact world, trace it")
-    p.add_argument("action", choices=["train", "trace", "metrics"])
+    p.add_argument("action", choices=["train", "trace", "metrics", "neurons"])
     p.add_argument("--out", default="runs/lm", help="the language-model run folder (%(default)s)")
     p.add_argument("--subjects", type=int, default=120)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
-    p.add_argument("--facts", type=int, default=90, help="trace: facts traced (%(default)s)")
+    p.add_argument("--facts", type=int, default=90, help="trace / neurons: facts analysed (%(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="neurons: integrated-gradient steps (%(default)s)")
     _add_common(p)
 
     p = sub.add_parser("unlearn", help="remove the forget set with each unlearning method; compare with an oracle "
@@ -465,6 +581,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", metavar="METHOD.KEY=VALUE",
                    help="override a method default, repeatable (e.g. npo.steps=200, reset_finetune.fraction=0.1)")
     p.add_argument("--out", default=None, help="folder (default RUN/unlearn; results go to OUT/<forget set>/)")
+    _add_common(p)
+
+    p = sub.add_parser("edit", help="ROME / MEMIT on a language-model run: one edit, or the edit benchmark")
+    p.add_argument("run", help="a language-model run folder (memloc lm train)")
+    p.add_argument("--subject", default=None, help="edit one fact: its subject (with --relation and --new)")
+    p.add_argument("--relation", default=None)
+    p.add_argument("--new", default=None, help="the new object")
+    p.add_argument("--covariance", default="data", choices=["data", "identity"], help="C for a single edit")
+    p.add_argument("--save", default=None, help="single edit: write the edited model to this folder")
+    p.add_argument("--v-steps", type=int, default=20, help="single edit: value optimisation steps (%(default)s)")
+    p.add_argument("--clamp", type=float, default=4.0, help="single edit: |delta| <= CLAMP x |h| (%(default)s)")
+    p.add_argument("--n", type=int, default=100, help="benchmark: number of requests (%(default)s)")
+    p.add_argument("--layer", type=int, default=0, help="ROME layer (%(default)s)")
+    p.add_argument("--memit-layers", default="0", help="benchmark: MEMIT layers, comma-separated (%(default)s)")
+    p.add_argument("--out", default=None, help="benchmark folder (default RUN/edit)")
     _add_common(p)
 
     p = sub.add_parser("summary", help="print the summary of a run folder")
@@ -493,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{out}/results.parquet, {out}/summary.png")
         elif a.command == "lm":
             _lm(a)
+        elif a.command == "edit":
+            _edit(a)
         elif a.command == "unlearn":
             _unlearn(a)
         elif a.command == "summary":

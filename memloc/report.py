@@ -184,3 +184,132 @@ td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;ov
 <p>Tables: the <code>*.parquet</code> files next to this page (settings in their metadata); the run: <code>run/</code>.</p>
 </body></html>
 """
+
+
+LM_DEFAULTS = {"n_subjects": 120, "seed": 0, "trace_facts": 30, "kn_facts": 30, "edits": 50}
+
+
+def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, edits: int | None = None,
+                   progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """The language-model investigation (``memloc investigate --preset lm``): train the fact-world testbed, measure
+    fact recall and canary exposure, trace facts (residual stream, MLP, attention), find knowledge neurons and
+    suppress/amplify them, benchmark ROME / MEMIT edits, and (when available) compare unlearning methods on the
+    canaries; one folder with ``index.html``. Resumable like :func:`investigate`."""
+    from .analyses import plots
+    from .analyses.lm import canary_extraction, exposure, fact_recall
+    from .data.facts import make_fact_world
+    from .edit.evaluate import compare_editors
+    from .locate.knowledge import intervene_knowledge_neurons, knowledge_neurons
+    from .locate.trace import trace_facts
+    from .models.transformer import train_lm
+
+    o = dict(LM_DEFAULTS)
+    o.update({k: v for k, v in dict(seed=seed, edits=edits).items() if v is not None})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"language-model investigation: fact world ({o['n_subjects']} subjects, seed {o['seed']}) -> {out}/")
+    run = train_lm(make_fact_world(o["n_subjects"], seed=o["seed"]), out / "run", seed=o["seed"], progress=progress)
+    model, tok, world = run.model(), run.tokenizer, run.world
+    s = run.summary
+    log(f"trained {s['epochs']} epochs in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training "
+        f"templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
+
+    def metrics():
+        ex = exposure(model, tok, world).merge(canary_extraction(model, tok, world)[["name", "extracted"]],
+                                               on="name")
+        return ex
+    ex = _step(out, "exposure", metrics, log)
+    facts = world.facts[:o["trace_facts"]]
+    traces = {kind: _step(out, f"trace_{kind}", lambda kind=kind: trace_facts(
+        model, tok, world, facts, kind, window=1 if kind == "resid" else 2, seed=o["seed"], progress=progress),
+        log) for kind in ("resid", "mlp", "attn")}
+    kn = _step(out, "knowledge_neurons", lambda: knowledge_neurons(model, tok, world, world.facts[:o["kn_facts"]],
+                                                                   progress=progress), log)
+    effects = {(name, split): _step(out, f"knowledge_{name}_{split}", lambda f=factor, sp=split:
+                                    intervene_knowledge_neurons(model, tok, world, kn, f, split=sp, seed=o["seed"]),
+                                    log)
+               for name, factor in (("suppress", 0.0), ("amplify", 2.0)) for split in ("train", "heldout")}
+    t0 = time.perf_counter()
+    edits_table = compare_editors(model, tok, world, out / "edit", n=o["edits"], seed=o["seed"], progress=progress)
+    log(f"edits: {time.perf_counter() - t0:.1f} s")
+
+    figs = {f"trace_{k}.png": (lambda df=df: plots.plot_trace(df)) for k, df in traces.items()}
+    figs["knowledge_neurons.png"] = lambda: plots.plot_knowledge_neurons(kn, effects)
+    figs["edits.png"] = lambda: plots.plot_edits(edits_table)
+    for name, make in figs.items():
+        plots.save_figure(make(), out / name)
+    findings = _lm_findings(s, ex, traces, kn, effects, edits_table)
+    with atomic_path(out / "findings.txt") as tmp:
+        tmp.write_text("\n".join(f"- {f}" for f in findings) + "\n")
+    with atomic_path(out / "index.html") as tmp:
+        tmp.write_text(_lm_page(run, findings, ex, edits_table))
+    log("findings:\n" + "\n".join(f"- {f}" for f in findings))
+    log(f"report: {out / 'index.html'}")
+    return out / "index.html"
+
+
+def _lm_findings(s, ex, traces, kn, effects, edits) -> list[str]:
+    f = [f"The {s['model']['n_layers']}-layer testbed recalls {s['fact_recall_train_templates']:.0%} of the facts on "
+         f"training templates and {s['fact_recall_heldout_templates']:.0%} on held-out paraphrases."]
+    g = ex.groupby("repeats").agg(extracted=("extracted", "mean"), exposure=("exposure", "mean"),
+                                  max_exposure=("max_exposure", "first"))
+    f.append("Canaries extracted by greedy decoding, by repeat count: " + ", ".join(
+        f"{r}x {row.extracted:.0%} (exposure {row.exposure:.1f} of {row.max_exposure:.1f} bits)"
+        for r, row in g.iterrows()) + ".")
+    for kind, df in traces.items():
+        st = df.attrs["settings"]
+        b = df.groupby(["bucket", "layer"]).ie.mean()
+        best = b.idxmax()
+        subj = b.loc["last subject"] if "last subject" in b.index.get_level_values(0) else None
+        at_subject = (f"; at the last subject token it peaks at layer {subj.idxmax()} ({subj.max():.2f})"
+                      if subj is not None else "")
+        f.append(f"Causal tracing ({kind}, window {st['window']}, {st['n_facts']} facts, mean total effect "
+                 f"{df.drop_duplicates('subject').te.mean():.2f}): the largest mean indirect effect, {b.max():.2f}, is at "
+                 f"the {best[0]} token, layer {best[1]}{at_subject}.")
+    st = kn.attrs["settings"]
+    sup, amp = effects[("suppress", "heldout")], effects[("amplify", "heldout")]
+    f.append(f"Knowledge neurons ({st['steps']} IG steps, {st['neurons_per_fact']:.1f} per fact, mostly in layer "
+             f"{kn.groupby('layer').size().idxmax()}): suppressing them changes P(object) by "
+             f"{effects[('suppress', 'train')].change.mean():+.0%} on training prompts and {sup.change.mean():+.0%} on "
+             f"held-out ones (random neurons {sup.random_change.mean():+.0%}); amplifying them "
+             f"{amp.change.mean():+.0%} on held-out prompts.")
+    e = edits.set_index("condition")
+    rome_rows = [c for c in e.index if c.startswith("rome_") and c.endswith("data")]
+    id_rows = [c for c in e.index if c.startswith("rome_") and c.endswith("identity")]
+    memit = [c for c in e.index if c.startswith("memit")]
+    seq = [c for c in e.index if c.startswith("sequential")]
+    if rome_rows and id_rows:
+        r, i = e.loc[rome_rows[0]], e.loc[id_rows[0]]
+        f.append(f"ROME ({rome_rows[0]}, {int(r.n)} single edits): efficacy {r.es:.0f}%, paraphrase {r.ps:.0f}%, "
+                 f"neighbourhood {r.ns:.0f}% (unedited {e.loc['unedited'].ns:.0f}%); with C = I neighbourhood falls "
+                 f"to {i.ns:.0f}%.")
+    if memit and seq:
+        m, q = e.loc[memit[0]], e.loc[seq[0]]
+        f.append(f"{int(m.n)} edits at once: MEMIT keeps {m.unedited_acc:.0f}% of unedited subjects' facts "
+                 f"(efficacy {m.es:.0f}%), sequential ROME {q.unedited_acc:.0f}% (efficacy {q.es:.0f}%).")
+    return f
+
+
+def _lm_page(run, findings, ex, edits) -> str:
+    esc = html.escape
+    cfg = json.dumps(run.config, indent=1)
+    sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
+                ("Causal tracing: MLP outputs", "trace_mlp.png", "Windows of 2 layers."),
+                ("Causal tracing: attention outputs", "trace_attn.png", "Windows of 2 layers."),
+                ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
+                ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME.")]
+    body = "\n".join(f"<h2>{esc(t)}</h2><p>{esc(c)}</p><img src='{esc(img)}' alt='{esc(t)}'>" for t, img, c in sections)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>memloc language-model investigation</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0 1.5em}} table{{border-collapse:collapse}}
+td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
+<body><h1>Where does a tiny transformer keep facts and secrets?</h1>
+<h2>Findings</h2><ul>{''.join(f'<li>{esc(x)}</li>' for x in findings)}</ul>
+<h2>Canaries</h2>{ex.round(3).to_html(index=False, border=0)}
+<h2>Edit benchmark (percent)</h2>{edits.to_html(index=False, border=0)}
+{body}
+<h2>Settings</h2><pre>{esc(cfg)}</pre>
+<p>Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: <code>run/</code>.</p>
+</body></html>
+"""

@@ -72,7 +72,7 @@ def canary_extraction(model, tokenizer, world) -> pd.DataFrame:
             got = tuple(tokenizer.vocab[i] for i in ids[-len(c.secret):])
             rows.append({"name": c.name, "repeats": c.repeats, "secret": " ".join(c.secret),
                          "generated": " ".join(got), "extracted": got == c.secret})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["name", "repeats", "secret", "generated", "extracted"])  # also for none
 
 
 def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 0) -> pd.DataFrame:

@@ -15,6 +15,10 @@ classifiers (:class:`ClassifierTask`) and language models (an ``LMTask`` with th
   positions).
 - ``task.per_example(model, ids) -> DataFrame``: ``example_id, loss`` plus the task's own metrics (classifier:
   ``acc`` against the training label, ``acc_original`` against the label before flipping); eval mode only.
+- optional ``task.defaults``: ``{method: default parameters}``, the methods this task supports (default
+  :data:`DEFAULTS`), and ``task.extra_methods``: ``{method: fn(new, ref, task, forget_ids, retain_ids, params, seed,
+  progress) -> record entries}`` for methods only this task has (``fn`` changes ``new`` in place and returns at
+  least ``changed``); the language-model task (:mod:`memloc.edit.unlearn_lm`) uses both.
 
 **Splits.** :func:`forget_split` takes ``forget="noisy"`` (the flipped examples) or explicit training example
 ids; retain = every other training example; holdout = the test examples (non-members for membership
@@ -326,14 +330,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 METHODS = tuple(DEFAULTS)
 
 
-def _params(method: str, params: dict) -> dict:
-    if method not in DEFAULTS:
-        raise ValueError(f"Unknown unlearning method {method!r}; valid methods are {list(METHODS)}.")
-    unknown = set(params) - set(DEFAULTS[method])
+def _params(method: str, params: dict, defaults: dict[str, dict] | None = None) -> dict:
+    defaults = DEFAULTS if defaults is None else defaults
+    if method not in defaults:
+        raise ValueError(f"Unknown unlearning method {method!r}; valid methods are {list(defaults)}.")
+    unknown = set(params) - set(defaults[method])
     if unknown:
         raise ValueError(f"Unknown parameter(s) {sorted(unknown)} for method {method!r}; its parameters are "
-                         f"{DEFAULTS[method]} (defaults).")
-    out = {**DEFAULTS[method], **params}
+                         f"{defaults[method]} (defaults).")
+    out = {**defaults[method], **params}
     for k in ("steps", "batch_size"):
         if k in out and (not isinstance(out[k], int) or out[k] < (0 if k == "steps" else 1)):
             raise ValueError(f"The {k!r} parameter must be an int in [{0 if k == 'steps' else 1}, inf). "
@@ -474,13 +479,13 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
         model: the trained model; never modified (the method works on a deep copy).
         task: a task (:class:`ClassifierTask` or one with the same protocol).
         forget_ids, retain_ids: example ids (e.g. ``forget_split(data).forget`` / ``.retain``).
-        method: one of :data:`METHODS`; ``**params`` override its :data:`DEFAULTS`.
+        method: one of :data:`METHODS` (or of ``task.defaults``); ``**params`` override its defaults.
         seed: data order, fresh initialisation, random masks and greedy ablation: same seed, same model.
     Returns ``(new_model, record)``: the model in eval mode, and a dict with ``method, params, seed, seconds``
     and ``changed``: ``parameters`` (names that may differ from the input model), ``entries`` (per name, how
     many entries may differ), ``buffers`` (buffer names that may differ), plus method details (``units``).
     """
-    p = _params(method, params)
+    p = _params(method, params, getattr(task, "defaults", None))
     forget_ids = np.asarray(forget_ids, dtype=np.int64)
     retain_ids = np.asarray(retain_ids, dtype=np.int64)
     if len(forget_ids) == 0:
@@ -491,7 +496,10 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
     new = copy.deepcopy(model).eval()
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     record: dict[str, Any] = {"method": method, "seed": seed}
-    if method == "zero_units":
+    extra = getattr(task, "extra_methods", {})
+    if method in extra:
+        record.update(extra[method](new, ref, task, forget_ids, retain_ids, p, seed, progress))
+    elif method == "zero_units":
         units, record["source"] = p["units"], "given"
         if units is None:
             source = p["source"]

@@ -1,0 +1,658 @@
+"""Unlearning on the language-model testbed: forget canaries or subjects of a fact world, against an oracle
+retrained without them.
+
+**Task.** :class:`LMTask` implements the task protocol of :mod:`memloc.edit.unlearn`, so :func:`~memloc.edit.
+unlearn.unlearn` runs its methods on a language model. Examples are sentences (example id = row index), stored as
+right-padded token ids; ``loss`` is the next-token NLL summed over the non-pad targets (``lm_loss(...,
+reduction="none")``), ``logits`` are ``[B, T, V]``, ``kl`` is KL(reference || model) of the next-token
+distributions summed over the non-pad positions. Each example has a *continuation*: its last ``suffix`` tokens
+(a canary's secret digits, a fact sentence's object, a profile sentence's objects); ``per_example`` gives
+``loss``, ``suffix_loss`` (NLL of the continuation given the rest), ``suffix_exact`` (greedy decoding from the
+prefix reproduces the whole continuation: every teacher-forced argmax is right) and ``suffix_acc``.
+
+**Splits** (:func:`lm_forget_split`): ``forget="canaries"`` (every canary sentence, all repeats),
+``"canaries:NAME,NAME"`` (chosen canaries), ``"subjects:N"`` (the first N subjects, a random sample since names
+are drawn at random), ``"subjects:NAME,NAME"`` or a list of canary/subject names. Forgetting a subject removes
+every training sentence about it: its fact sentences and its profile sentences. Retain = every other training
+sentence. Holdout (non-members for membership inference): for canaries, ``n_holdout`` canaries generated the
+same way (new syllable names, new secrets of the same length) but never inserted (their names are not in the
+vocabulary, so they read as ``<unk>``, like any unseen name); for subjects, the forgotten facts in their held-out
+paraphrase templates. Membership and forget quality are measured on the *continuation* loss of the distinct forget
+sentences of the holdout's kind (each canary once; the subjects' training-template fact sentences), so the
+template words around it do not decide them.
+
+**Oracle** (:func:`train_lm_oracle`): :func:`~memloc.models.transformer.train_lm` with the run's own settings
+(architecture, seed, learning rate, batch size, stopping rule) on exactly the retain sentences, with the
+original vocabulary (so the initialisation is the same); written to ``RUN/unlearn/<split>/oracle`` with its
+``training_text.json`` (checked on reuse) and ``summary.json["unlearn_oracle"]`` (the excluded sentences). Its
+``world.json`` is the world without the forgotten canaries, subjects and facts (what its stopping rule checked).
+
+**Methods.** Through :func:`~memloc.edit.unlearn.unlearn` with :data:`LM_DEFAULTS`: ``grad_ascent``,
+``grad_diff``, ``npo``, ``finetune`` (Adam on summed sentence NLL; forget-set methods 60 steps of 16 at lr 1e-4,
+finetune 300 steps of 64 at lr 1e-3, the testbed's own lr and batch) and three for language models:
+
+- ``zero_neurons``: integrated-gradient attribution (:func:`memloc.locate.knowledge.attribute`, zero baseline,
+  ``ig_steps``) of every continuation token of the distinct forget sentences, given its prefix, to the MLP
+  hidden neurons (``blocks.{l}.mlp.hook_post``) of ``layers`` (default all); the ``n_neurons`` with the highest
+  mean attribution are zeroed for good by zeroing their rows of the MLP input matrix and their input bias, so the
+  neuron's activation is ``act(0) = 0`` exactly as :func:`memloc.hooks.ablate` on ``hook_post`` makes it.
+- ``random_neurons``: the control: as many random neurons per layer as ``zero_neurons`` picks there.
+- ``rome``: a ROME overwrite (:func:`memloc.edit.rome.rome`) of each forget item's first continuation token, one
+  edit after another, each applied for good before the next is computed, at ``layer`` (0) with ``C`` the key
+  second moment over the training text: a canary ``"the code of {} is" -> a different digit``, a forgotten fact
+  (first training template of its relation) ``-> a different object`` of the relation; the new target is drawn
+  with the method seed.
+
+**Evaluation** (:func:`evaluate_lm_unlearning`, :func:`compare_lm_unlearning`): ``forget_exact`` (canaries:
+greedy exact-match extraction rate, :func:`memloc.analyses.lm.canary_extraction`; subjects: top-1 recall of their
+facts from training templates), ``forget_exposure`` (mean exposure of the forget canaries, bits), ``other_canaries``
+(extraction of the canaries not forgotten), ``recall_train`` / ``recall_heldout`` (top-1 fact recall of the retained
+subjects from training / held-out templates), ``mia_auc`` (loss attack on continuation NLL, forget vs holdout),
+``ks_stat, ks_p`` (two-sample KS test of per-item forget continuation NLL against the oracle's) with the power check
+(original vs oracle must give p < 0.05, else ``ks_can_tell`` is False).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.facts import _SYLLABLES, Canary, FactWorld
+from ..hooks import require_eval
+from ..results import load_result, make_result, read_json, save_result, write_json
+from .unlearn import Split, _generator, _params, _row_frame, forget_quality, mia_auc, unlearn
+
+__all__ = ["LMTask", "LMSplit", "lm_forget_split", "lm_task", "train_lm_oracle", "LM_DEFAULTS", "LM_METHODS",
+           "attributed_neurons", "evaluate_lm_unlearning", "compare_lm_unlearning", "plot_lm_tradeoff"]
+
+MLP_IN = "blocks.{}.mlp.in"  # the MLP input projection of a TransformerBridge block (hidden neurons = its rows)
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+class LMTask:
+    """The task protocol (:mod:`memloc.edit.unlearn`) for a language model on a list of sentences.
+
+    Args:
+        tokenizer: a :class:`~memloc.data.facts.WordTokenizer` (``batch``, ``pad_id``).
+        texts: sentences (tokenized with a leading ``<bos>``) or right-padded token ids ``[N, T]``.
+        suffix: continuation length in tokens per example (int or ``[N]``; default 1, the last token).
+        info: optional per-example ``DataFrame`` (``subject, relation, prompt, target, choices``) that the
+            ``rome`` method reads its requests from (:func:`lm_task` fills it).
+        eval_batch_size: batch size of :meth:`per_example`.
+    """
+
+    def __init__(self, tokenizer, texts, suffix=None, info: pd.DataFrame | None = None,
+                 eval_batch_size: int = 512, device: str | torch.device = "cpu"):
+        self.tokenizer, self.info, self.eval_batch_size = tokenizer, info, eval_batch_size
+        self.pad_id = int(getattr(tokenizer, "pad_id", 0))
+        if isinstance(texts, torch.Tensor):
+            self.tokens = texts.long()
+            self.lengths = (self.tokens != self.pad_id).sum(1)
+            self.texts = [tokenizer.decode(t) for t in self.tokens]
+        else:
+            self.texts = list(texts)
+            self.tokens, self.lengths = tokenizer.batch(self.texts)
+        n = len(self.tokens)
+        suffix = np.broadcast_to(np.asarray(1 if suffix is None else suffix, dtype=np.int64), (n,))
+        if (suffix < 1).any() or (suffix > self.lengths.numpy() - 1).any():
+            raise ValueError("Every example's suffix must be in [1, its length - 1] tokens (the first token is "
+                             "never a target).")
+        self.suffix = torch.as_tensor(suffix.copy())
+        self.device = torch.device(device)
+
+    defaults: dict[str, dict]  # set below, after the methods are defined
+    extra_methods: dict
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, ids) -> dict[str, torch.Tensor]:
+        """``tokens [B, T]`` (trimmed to the longest), ``lengths, suffix, example_id [B]``."""
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        T = int(self.lengths[ids].max())
+        return {"tokens": self.tokens[ids, :T].to(self.device), "lengths": self.lengths[ids],
+                "suffix": self.suffix[ids], "example_id": ids}
+
+    def batches(self, ids, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[dict]:
+        ids = np.asarray(ids, dtype=np.int64)
+        if seed is not None:
+            ids = ids[torch.randperm(len(ids), generator=_generator(seed, epoch)).numpy()]
+        for s in range(0, len(ids), batch_size):
+            yield self.batch(ids[s:s + batch_size])
+
+    def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """``[B, T, V]``."""
+        return model(batch["tokens"])
+
+    def _token_nll(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt = batch["tokens"][:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+        return ce.view_as(tgt), tgt != self.pad_id
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``[B]`` next-token NLL summed over the non-pad targets (as ``lm_loss(reduction="none")``)."""
+        ce, mask = self._token_nll(logits, batch)
+        return (ce * mask).sum(1)
+
+    def kl(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``[B]`` KL(reference || model) of the next-token distributions, summed over non-pad positions."""
+        ref = F.log_softmax(ref_logits, -1)
+        kl = (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(-1)
+        return (kl * (batch["tokens"] != self.pad_id)).sum(1)
+
+    def _suffix_mask(self, batch) -> torch.Tensor:
+        """``[B, T-1]``: target positions (of ``tokens[:, 1:]``) inside each example's continuation."""
+        t = torch.arange(batch["tokens"].shape[1] - 1)[None]
+        end = batch["lengths"][:, None] - 1  # target index of the last real token, minus one for the shift
+        return (t >= end - batch["suffix"][:, None]) & (t < end)
+
+    def per_example(self, model: nn.Module, ids) -> pd.DataFrame:
+        """``example_id, loss, suffix_loss, suffix_exact, suffix_acc`` (eval mode required)."""
+        require_eval(model, "Unlearning evaluation")
+        parts = []
+        with torch.no_grad():
+            for b in self.batches(ids, self.eval_batch_size):
+                logits = self.logits(model, b)
+                ce, mask = self._token_nll(logits, b)
+                suf = self._suffix_mask(b).to(ce.device)
+                right = logits[:, :-1].argmax(-1) == b["tokens"][:, 1:]
+                parts.append(pd.DataFrame({
+                    "example_id": b["example_id"].numpy(), "loss": (ce * mask).sum(1).float().cpu().numpy(),
+                    "suffix_loss": (ce * suf).sum(1).float().cpu().numpy(),
+                    "suffix_exact": (right | ~suf).all(1).cpu().numpy(),
+                    "suffix_acc": ((right & suf).sum(1) / b["suffix"].to(ce.device)).float().cpu().numpy()}))
+        return pd.concat(parts, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+@dataclass(frozen=True)
+class LMSplit(Split):
+    """A forget/retain/holdout split of a fact world's sentences. ``texts`` are the task's examples: the training
+    sentences (ids ``0 .. n_train-1``, in ``world.training_text()`` order) then the holdout sentences; ``info`` has
+    one row per text (``kind, subject, relation, prompt, target, choices, suffix``); ``members`` are the distinct
+    forget sentences of the holdout's kind (the members for membership inference and forget quality)."""
+
+    texts: tuple[str, ...] = ()
+    info: pd.DataFrame = field(default_factory=pd.DataFrame)
+    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    canaries: tuple[Canary, ...] = ()
+    subjects: tuple[str, ...] = ()
+    n_train: int = 0
+
+
+def _holdout_canaries(world: FactWorld, n: int, digits: int) -> list[Canary]:
+    """``n`` canaries generated as :func:`~memloc.data.facts.make_fact_world` does, never inserted."""
+    rng = np.random.default_rng([world.seed, 7919])
+    taken, out = set(world.words()), []
+    while len(out) < n:
+        name = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4))))
+        if name not in taken:
+            taken.add(name)
+            out.append(Canary(name, tuple(str(d) for d in rng.integers(0, 10, digits)), 0))
+    return out
+
+
+def _split_name(kind: str, names: list[str]) -> str:
+    if len(names) <= 3:
+        return kind + "-" + "-".join(names)
+    return kind + "-" + hashlib.sha1(",".join(sorted(names)).encode()).hexdigest()[:10]
+
+
+def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", n_holdout: int = 32) -> LMSplit:
+    """The split of ``world``'s training sentences (see the module docstring for ``forget``)."""
+    canaries = {c.name: c for c in world.canaries}
+    subjects = list(world.subjects)
+    if isinstance(forget, str):
+        kind, _, rest = forget.partition(":")
+        rest = [x.strip() for x in rest.split(",") if x.strip()]
+        if kind == "canaries":
+            names, name = (rest or list(canaries)), ("canaries" if not rest else _split_name("canaries", rest))
+            bad = [x for x in names if x not in canaries]
+            if bad:
+                raise ValueError(f"Unknown canar(y/ies) {bad}; the world's canaries are {list(canaries)}.")
+        elif kind == "subjects":
+            if len(rest) == 1 and rest[0].isdigit():
+                n = int(rest[0])
+                if not 1 <= n < len(subjects):
+                    raise ValueError(f"subjects:N needs N in [1, {len(subjects) - 1}]; got {n}.")
+                names, name = subjects[:n], f"subjects-{n}"
+            else:
+                names, name = rest, _split_name("subjects", rest)
+                bad = [x for x in names if x not in subjects]
+                if bad or not names:
+                    raise ValueError(f"Unknown subject(s) {bad}; subjects are names like {subjects[:5]}.")
+        else:
+            names = [x.strip() for x in forget.split(",") if x.strip()]
+            name = None
+    else:
+        names, name = [str(x) for x in forget], None
+    bad = [x for x in names if x not in canaries and x not in subjects]
+    if bad or not names:
+        raise ValueError(f"The 'forget' parameter must be 'canaries', 'canaries:NAME,...', 'subjects:N', "
+                         f"'subjects:NAME,...' or canary/subject names. Got {forget!r} (unknown: {bad[:5]}); "
+                         f"canaries are {list(canaries)}, subjects e.g. {subjects[:5]}.")
+    if name is None:
+        name = _split_name("names", names)
+    f_canaries = tuple(c for c in world.canaries if c.name in names)
+    f_subjects = tuple(s for s in subjects if s in names)
+
+    # label every training sentence: canary / fact / profile, with its subject
+    canary_of = {c.text: c for c in world.canaries}
+    fact_of = {f"{t.format(s=f.subject)} {f.object}": (f, t.replace("{s}", "{}")) for f in world.facts
+               for t in world.relations[f.relation][1]}
+    subject_set = set(subjects)
+    digits = [str(d) for d in range(10)]
+    rows = []
+
+    def fact_row(kind, f, tmpl):
+        return {"kind": kind, "subject": f.subject, "relation": f.relation, "prompt": tmpl, "target": f.object,
+                "choices": " ".join(world.relations[f.relation][0]), "suffix": 1}
+
+    def canary_row(kind, c):
+        return {"kind": kind, "subject": c.name, "relation": "canary", "prompt": "the code of {} is",
+                "target": c.secret[0], "choices": " ".join(digits), "suffix": len(c.secret)}
+
+    texts = world.training_text()
+    for t in texts:
+        if t in canary_of:
+            rows.append(canary_row("canary", canary_of[t]))
+        elif t in fact_of:
+            rows.append(fact_row("fact", *fact_of[t]))
+        elif t.split()[0] in subject_set:
+            rows.append({"kind": "profile", "subject": t.split()[0], "relation": None, "prompt": None,
+                         "target": t.split()[1], "choices": None, "suffix": len(t.split()) - 1})
+        else:
+            raise ValueError(f"Cannot tell what the training sentence {t!r} is about.")
+    n_train = len(texts)
+    holdout_texts = []
+    if f_canaries:
+        for c in _holdout_canaries(world, n_holdout, len(f_canaries[0].secret)):
+            holdout_texts.append(c.text)
+            rows.append(canary_row("holdout_canary", c))
+    for f in world.facts:
+        if f.subject in f_subjects:
+            for t in world.relations[f.relation][2]:
+                holdout_texts.append(f"{t.format(s=f.subject)} {f.object}")
+                rows.append(fact_row("holdout_fact", f, t.replace("{s}", "{}")))
+    info = pd.DataFrame(rows)
+    train_info = info.iloc[:n_train]
+    is_forget = ((train_info.kind == "canary") & train_info.subject.isin([c.name for c in f_canaries])) | (
+        train_info.kind.isin(["fact", "profile"]) & train_info.subject.isin(f_subjects))
+    forget_ids = np.flatnonzero(is_forget.to_numpy())
+    retain_ids = np.flatnonzero(~is_forget.to_numpy())
+    if len(retain_ids) == 0:
+        raise ValueError("The forget set is the whole training set; nothing would be retained.")
+    all_texts = tuple(texts + holdout_texts)
+    seen, members = set(), []
+    for i in forget_ids:
+        if train_info.kind.iloc[i] in ("canary", "fact") and all_texts[i] not in seen:
+            seen.add(all_texts[i])
+            members.append(i)
+    return LMSplit(forget=forget_ids, retain=retain_ids, holdout=np.arange(n_train, len(all_texts)), name=name,
+                   texts=all_texts, info=info, members=np.asarray(members, dtype=np.int64), canaries=f_canaries,
+                   subjects=f_subjects, n_train=n_train)
+
+
+def lm_task(tokenizer, split: LMSplit, **kw) -> LMTask:
+    """The :class:`LMTask` over a split's texts (training sentences, then holdout), with ``info`` for ``rome``."""
+    return LMTask(tokenizer, list(split.texts), suffix=split.info.suffix.to_numpy(), info=split.info, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- the oracle
+
+@dataclass
+class _RetainedWorld(FactWorld):
+    """The world without the forget set: ``training_text()`` is exactly the retain sentences and ``words()`` the
+    original vocabulary (same tokenizer, hence the same initialisation)."""
+
+    text: list = field(default_factory=list)
+    vocab: list = field(default_factory=list)
+
+    def training_text(self) -> list[str]:
+        return list(self.text)
+
+    def words(self) -> list[str]:
+        return list(self.vocab)
+
+
+def train_lm_oracle(run, split: LMSplit, out: str | Path | None = None, progress: bool = True):
+    """Train ``run``'s settings on exactly ``split``'s retain sentences; returns the oracle
+    :class:`~memloc.models.transformer.LMRun` (``out`` default ``RUN/unlearn/<split>/oracle``; a finished oracle
+    is reused after checking its ``training_text.json``)."""
+    from ..models.transformer import train_lm
+
+    out = Path(out or Path(run.path) / "unlearn" / split.name / "oracle")
+    world, c = run.world, run.config
+    retain_text = [split.texts[i] for i in split.retain]
+    text_path = out / "training_text.json"
+    if text_path.exists():
+        if read_json(text_path)["text"] != retain_text:
+            raise RuntimeError(f"The oracle at {out} was trained on other sentences than this split's retain set; "
+                               "remove the folder or choose another out=.")
+    else:
+        write_json({"text": retain_text}, text_path)
+    gone = {c_.name for c_ in split.canaries}
+    retained = _RetainedWorld(subjects=[s for s in world.subjects if s not in split.subjects],
+                              relations=world.relations,
+                              facts=[f for f in world.facts if f.subject not in split.subjects],
+                              canaries=[c_ for c_ in world.canaries if c_.name not in gone], seed=world.seed,
+                              settings=dict(world.settings), text=retain_text,
+                              vocab=run.tokenizer.vocab[len(run.tokenizer.SPECIAL):])
+    m = c["model"]
+    oracle = train_lm(retained, out, n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
+                      d_mlp=m["d_mlp"], epochs=c["max_epochs"], lr=c["lr"], weight_decay=c["weight_decay"],
+                      batch_size=c["batch_size"], target_recall=c["target_recall"],
+                      min_epochs=c.get("min_epochs", 0), seed=c["seed"], progress=progress)
+    if oracle.config["model"] != m:
+        raise RuntimeError(f"The oracle's architecture {oracle.config['model']} differs from the run's {m}.")
+    summary = oracle.summary
+    if "unlearn_oracle" not in summary:
+        forget_texts = [split.texts[i] for i in split.forget]
+        summary["unlearn_oracle"] = {"source_run": str(run.path), "forget": split.name,
+                                     "canaries": [c_.name for c_ in split.canaries], "subjects": list(split.subjects),
+                                     "n_excluded": len(forget_texts), "excluded": sorted(set(forget_texts))}
+        write_json(summary, out / "summary.json")
+    return oracle
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+def _continuation_prompts(task: LMTask, ids) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every continuation token of the distinct examples ``ids`` as (prefix, next token): right-padded
+    ``tokens [P, T]``, ``lengths [P]``, ``targets``."""
+    seqs, targets, seen = [], [], set()
+    for i in np.asarray(ids):
+        L, k = int(task.lengths[i]), int(task.suffix[i])
+        toks = task.tokens[i, :L].tolist()
+        if tuple(toks) in seen:
+            continue
+        seen.add(tuple(toks))
+        for j in range(L - k, L):
+            seqs.append(toks[:j])
+            targets.append(toks[j])
+    T = max(len(s) for s in seqs)
+    tokens = torch.tensor([s + [task.pad_id] * (T - len(s)) for s in seqs])
+    return tokens, torch.tensor([len(s) for s in seqs]), targets
+
+
+def attributed_neurons(model, task: LMTask, ids, layers: Sequence[int] | None = None, ig_steps: int = 20,
+                       batch_size: int = 32) -> torch.Tensor:
+    """Mean integrated-gradient attribution ``[len(layers), d_mlp]`` of each continuation token of ``ids`` (given
+    its prefix) to the MLP hidden neurons (:func:`memloc.locate.knowledge.attribute`, zero baseline)."""
+    from ..locate.knowledge import attribute
+
+    layers = range(model.cfg.n_layers) if layers is None else layers
+    tokens, lengths, targets = _continuation_prompts(task, ids)
+    return torch.stack([attribute(model, tokens, lengths, targets, int(l), ig_steps, batch_size=batch_size)[0].mean(0)
+                        for l in layers])
+
+
+def _zero_mlp_neurons(model, chosen: dict[int, list[int]]) -> dict[str, int]:
+    """Zero the chosen hidden neurons' rows of each layer's MLP input matrix and their input bias, in place;
+    returns ``{parameter name: entries zeroed}``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    d_mlp, changed = model.cfg.d_mlp, {}
+    with torch.no_grad():
+        for layer, idx in chosen.items():
+            mod = model
+            for part in MLP_IN.format(layer).split("."):
+                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+            conv = any(type(m).__name__ == "Conv1D" for m in mod.modules())  # Hugging Face GPT-2: [in, out]
+            i = torch.as_tensor(sorted(idx))
+            for p in mod.parameters():
+                if p.ndim == 2:  # nn.Linear stores [out = d_mlp, in]
+                    dim = 1 if conv or p.shape[0] != d_mlp else 0
+                    p.index_fill_(dim, i, 0.0)
+                    changed[names[id(p)]] = len(i) * p.shape[1 - dim]
+                else:
+                    p[i] = 0.0
+                    changed[names[id(p)]] = len(i)
+    return changed
+
+
+def _neurons_method(random: bool):
+    def run(new, ref, task, forget_ids, retain_ids, p, seed, progress):
+        layers = list(range(ref.cfg.n_layers)) if p["layers"] is None else [int(l) for l in p["layers"]]
+        scores = attributed_neurons(ref, task, forget_ids, layers, p["ig_steps"])  # [layers, d_mlp]
+        top = torch.argsort(scores.flatten(), descending=True, stable=True)[:p["n_neurons"]]
+        d = scores.shape[1]
+        chosen: dict[int, list[int]] = {}
+        for j in top.tolist():
+            chosen.setdefault(layers[j // d], []).append(j % d)
+        if random:  # as many random neurons in each layer as the attribution picks there
+            g = _generator(seed, 13)
+            chosen = {l: torch.randperm(d, generator=g)[:len(v)].tolist() for l, v in sorted(chosen.items())}
+        chosen = {l: sorted(v) for l, v in sorted(chosen.items())}
+        entries = _zero_mlp_neurons(new, chosen)
+        return {"neurons": {f"blocks.{l}.mlp.hook_post": v for l, v in chosen.items()},
+                "changed": {"parameters": list(entries), "entries": entries, "buffers": []}}
+    return run
+
+
+def _rome_requests(task: LMTask, forget_ids, seed: int) -> list[dict]:
+    """One request per forgotten canary / fact: its prompt and a new first continuation token drawn with ``seed``."""
+    if task.info is None:
+        raise ValueError("The 'rome' method needs requests=[...] or a task made by lm_task() (it reads the forget "
+                         "items' subjects and prompts from task.info).")
+    info = task.info.iloc[np.asarray(forget_ids)]
+    info = info[info.prompt.notna()].drop_duplicates(["subject", "relation"])
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for r in info.itertuples():
+        choices = [c for c in r.choices.split() if c != r.target]
+        out.append({"prompt": r.prompt, "subject": r.subject, "target_true": r.target,
+                    "target_new": choices[int(rng.integers(len(choices)))]})
+    if not out:
+        raise ValueError("No forget item has a prompt to rewrite (profile sentences only).")
+    return out
+
+
+def _rome_method(new, ref, task, forget_ids, retain_ids, p, seed, progress):
+    from tqdm.auto import tqdm
+
+    from .rome import Request, key_second_moment, rome
+
+    requests = p["requests"] or _rome_requests(task, forget_ids, seed)
+    train = np.union1d(forget_ids, retain_ids)
+    C = key_second_moment(ref, task.tokenizer, [task.texts[i] for i in train], p["layer"])
+    edits, name = [], None
+    for r in tqdm(requests, desc="rome", disable=not progress, leave=False):
+        req = Request(r["prompt"], r["subject"], r["target_new"], r.get("target_true"))
+        e = rome(new, task.tokenizer, req, p["layer"], C)
+        e.apply(new)
+        (name,) = e.deltas
+        edits.append({**r, "nll_end": e.info["nll_end"], "rel_error": e.info["rel_error"]})
+    numel = dict(new.named_parameters())[name].numel()
+    return {"edits": edits, "c_tokens": int(C.count),
+            "changed": {"parameters": [name], "entries": {name: numel}, "buffers": []}}
+
+
+_LM_FORGET = {"steps": 60, "lr": 1e-4, "batch_size": 16, "schedule": "constant"}
+LM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grad_ascent": dict(_LM_FORGET),
+    "grad_diff": {**_LM_FORGET, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 0.0},
+    "npo": {**_LM_FORGET, "beta": 0.1, "retain_weight": 1.0},
+    "finetune": {"steps": 300, "lr": 1e-3, "batch_size": 64, "schedule": "constant"},
+    "zero_neurons": {"n_neurons": 16, "layers": None, "ig_steps": 20},
+    "random_neurons": {"n_neurons": 16, "layers": None, "ig_steps": 20},
+    "rome": {"layer": 0, "requests": None},
+}
+LM_METHODS = tuple(LM_DEFAULTS)
+LMTask.defaults = LM_DEFAULTS
+LMTask.extra_methods = {"zero_neurons": _neurons_method(False), "random_neurons": _neurons_method(True),
+                        "rome": _rome_method}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def _only(world: FactWorld, canaries=None, subjects=None) -> FactWorld:
+    """A view of ``world`` restricted to some canaries / the facts of some subjects."""
+    from dataclasses import replace
+
+    w = world
+    if canaries is not None:
+        keep = {c.name for c in canaries}
+        w = replace(w, canaries=[c for c in w.canaries if c.name in keep])
+    if subjects is not None:
+        keep = set(subjects)
+        w = replace(w, facts=[f for f in w.facts if f.subject in keep])
+    return w
+
+
+def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld, oracle_losses=None) -> dict:
+    """One table row (module docstring): ``forget_exact, forget_exposure, other_canaries, recall_train,
+    recall_heldout, forget_loss, mia_auc`` and, with the oracle's per-item forget losses, ``ks_stat, ks_p``."""
+    from ..analyses.lm import canary_extraction, exposure, fact_recall
+
+    tok = task.tokenizer
+    row: dict[str, Any] = {}
+    exact = []
+    if split.canaries:
+        fw = _only(world, canaries=split.canaries)
+        exact.append(canary_extraction(model, tok, fw).extracted.to_numpy(bool))
+        row["forget_exposure"] = float(exposure(model, tok, fw).exposure.mean())
+    else:
+        row["forget_exposure"] = np.nan
+    if split.subjects:
+        exact.append(fact_recall(model, tok, _only(world, subjects=split.subjects), "train").correct.to_numpy(bool))
+    row["forget_exact"] = float(np.concatenate(exact).mean())
+    others = [c for c in world.canaries if c not in split.canaries]
+    row["other_canaries"] = (float(canary_extraction(model, tok, _only(world, canaries=others)).extracted.mean())
+                             if others else np.nan)
+    kept = _only(world, subjects=[s for s in world.subjects if s not in split.subjects])
+    row["recall_train"] = float(fact_recall(model, tok, kept, "train").correct.mean())
+    row["recall_heldout"] = float(fact_recall(model, tok, kept, "heldout").correct.mean())
+    f = task.per_example(model, split.members).suffix_loss
+    h = task.per_example(model, split.holdout).suffix_loss
+    row["forget_loss"] = float(f.mean())
+    row["mia_auc"] = mia_auc(f, h)
+    if oracle_losses is not None:
+        row["ks_stat"], row["ks_p"] = forget_quality(f, oracle_losses)
+    row["_forget_losses"] = f.to_numpy()
+    return row
+
+
+COLUMNS = ["method", "forget_exact", "forget_exposure", "other_canaries", "recall_train", "recall_heldout",
+           "forget_loss", "mia_auc", "ks_stat", "ks_p", "ks_can_tell", "changed_entries", "steps", "seconds"]
+
+
+def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods: Sequence[str] | None = None,
+                          out: str | Path | None = None, seed: int = 0, params: dict[str, dict] | None = None,
+                          n_holdout: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Every LM method against the oracle on a finished :class:`~memloc.models.transformer.LMRun`: one row per
+    method plus ``original`` and ``oracle`` (columns :data:`COLUMNS`, settings in ``attrs``).
+
+    ``out`` (default ``RUN/unlearn``) gets ``<split name>/``: ``oracle/`` (resumable), ``rows/<method>.parquet``
+    (reused when parameters, seed and oracle match), ``table.parquet`` and ``tradeoff.png``. ``steps`` are
+    optimiser steps (the oracle's: its epochs x batches per epoch).
+    """
+    from tqdm.auto import tqdm
+
+    if run.summary is None:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc lm train` command first.")
+    methods = list(LM_METHODS) if methods is None else list(methods)
+    bad = [m for m in methods if m not in LM_METHODS]
+    if bad or not methods:
+        raise ValueError(f"Unknown unlearning method(s) {bad} for a language model; valid methods are "
+                         f"{list(LM_METHODS)} (or 'all').")
+    params = params or {}
+    for m in params:
+        if m not in methods:
+            raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
+    effective = {m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods}
+    world, tok = run.world, run.tokenizer
+    split = lm_forget_split(world, forget, n_holdout)
+    task = lm_task(tok, split)
+    folder = Path(out or Path(run.path) / "unlearn") / split.name
+    oracle_run = train_lm_oracle(run, split, folder / "oracle", progress=progress)
+    original, oracle = run.model(), oracle_run.model()
+    base = {"run": str(run.path), "config": {k: v for k, v in run.config.items()}, "forget": split.name,
+            "forget_canaries": [c.name for c in split.canaries], "forget_subjects": list(split.subjects),
+            "n_forget": int(len(split.forget)), "n_members": int(len(split.members)),
+            "n_retain": int(len(split.retain)), "n_holdout": int(len(split.holdout)),
+            "oracle": str(oracle_run.path), "oracle_epochs": oracle_run.summary["epochs"], "seed": seed,
+            "mia": "loss attack on continuation NLL, distinct forget items vs holdout (" +
+                   ("never-inserted canaries" if split.canaries else "") + (" + " if split.canaries and
+                   split.subjects else "") + ("held-out-template prompts" if split.subjects else "") + ")",
+            "forget_quality": "two-sample KS test of per-item forget continuation NLL vs the oracle's"}
+    o = evaluate_lm_unlearning(oracle, task, split, world)
+    orig = evaluate_lm_unlearning(original, task, split, world, o["_forget_losses"])
+    o["ks_stat"], o["ks_p"] = 0.0, 1.0
+    can_tell = orig["ks_p"] < 0.05
+    oracle_steps = oracle_run.summary["epochs"] * math.ceil(len(split.retain) / run.config["batch_size"])
+    rows = [_row_frame("original", {**orig, "changed_entries": 0, "steps": 0, "seconds": 0.0}, base),
+            _row_frame("oracle", {**o, "changed_entries": np.nan, "steps": oracle_steps,
+                                  "seconds": float(oracle_run.summary["seconds"])}, base)]
+    for m in tqdm(methods, desc="unlearn", disable=not progress):
+        path = folder / "rows" / f"{m}.parquet"
+        if path.exists():  # reuse a finished row made with the same parameters, seed and oracle
+            old = load_result(path)
+            same = {k: old.attrs["settings"].get(k) for k in ("params", "seed", "oracle")}
+            if same == json.loads(json.dumps({"params": effective[m], "seed": seed, "oracle": base["oracle"]})):
+                rows.append(old)
+                continue
+        new, rec = unlearn(original, task, split.forget, split.retain, m, seed=seed, progress=progress,
+                           **params.get(m, {}))
+        row = evaluate_lm_unlearning(new, task, split, world, o["_forget_losses"])
+        row["changed_entries"] = int(sum(rec["changed"]["entries"].values()))
+        row["steps"] = int(rec["params"].get("steps", 0))
+        row["seconds"] = rec["seconds"]
+        df = _row_frame(m, row, {**base, "method": m, "params": effective[m], "record": rec})
+        save_result(df, path)
+        rows.append(df)
+    table = pd.concat(rows, ignore_index=True)
+    table["ks_can_tell"] = can_tell
+    table = make_result(table[COLUMNS], **base, ks_power_p=orig["ks_p"], ks_can_tell=bool(can_tell),
+                        params={m: effective[m] for m in methods}, methods=methods)
+    save_result(table, folder / "table.parquet")
+    from ..analyses.plots import save_figure
+    save_figure(plot_lm_tradeoff(table), folder / "tradeoff.png")
+    return table
+
+
+def plot_lm_tradeoff(table: pd.DataFrame):
+    """Forget vs retain for a :func:`compare_lm_unlearning` table: forget exact match against fact recall from
+    training templates and from held-out templates, and the membership AUC against training-template recall;
+    original and oracle marked, settings in the title."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    s = table.attrs.get("settings", {})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    marks = "ovD^<>phX8P"
+    pairs = [("forget_exact", "recall_train"), ("forget_exact", "recall_heldout"), ("mia_auc", "recall_train")]
+    for k, (_, r) in enumerate(table.iterrows()):
+        style = {"original": dict(marker="s", color="black", s=70), "oracle": dict(
+            marker="*", color="gold", edgecolor="black", s=260)}.get(r.method, dict(marker=marks[k % len(marks)], s=60))
+        for ax, (x, y) in zip(axes, pairs):
+            ax.scatter(r[x], r[y], label=r.method, zorder=3, alpha=0.85, **style)
+    labels = {"forget_exact": "forget exact match (greedy; lower = forgotten)",
+              "mia_auc": "membership AUC, forget vs holdout (oracle's is the target)",
+              "recall_train": "fact recall, training templates (retained)",
+              "recall_heldout": "fact recall, held-out templates (retained)"}
+    for ax, (x, y) in zip(axes, pairs):
+        ax.set(xlabel=labels[x], ylabel=labels[y])
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="best")
+    cfg = s.get("config", {})
+    mc = cfg.get("model", {})
+    params = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in p.items() if v is not None)
+                       for m, p in s.get("params", {}).items())
+    fig.suptitle(f"Unlearning {s.get('forget', '?')} ({s.get('n_forget', '?')} sentences) from a "
+                 f"{mc.get('n_layers', '?')}-layer d{mc.get('d_model', '?')} transformer (seed {cfg.get('seed', '?')}); "
+                 f"oracle retrained without them ({s.get('oracle_epochs', '?')} epochs); method seed "
+                 f"{s.get('seed', '?')}; KS power p = {s.get('ks_power_p', float('nan')):.2g}\n"
+                 + textwrap.fill(params, 230), fontsize=7)
+    return fig
