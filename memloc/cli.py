@@ -356,16 +356,13 @@ def _unlearn(a: argparse.Namespace) -> None:
 
     from .edit.unlearn import METHODS, compare_unlearning
 
+    if (Path(a.run) / "world.json").exists():  # a language-model run (memloc lm train)
+        return _unlearn_lm(a)
     run = _finished_run(a.run, a.threads)
-    forget = a.forget if a.forget == "noisy" else [int(i) for i in a.forget.split(",") if i.strip()]
+    forget = a.forget or "noisy"
+    forget = forget if forget == "noisy" else [int(i) for i in forget.split(",") if i.strip()]
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
-    params: dict = {}
-    for key, value in _kv(a.param).items():
-        if "." not in key:
-            raise ValueError(f"--param takes METHOD.KEY=VALUE (e.g. npo.steps=200); got {key!r}. Methods: "
-                             f"{list(METHODS)}.")
-        m, k = key.split(".", 1)
-        params.setdefault(m, {})[k] = value
+    params = _method_params(a.param, METHODS)
     table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet)
     s = table.attrs["settings"]
     c = run.config
@@ -382,6 +379,54 @@ def _unlearn(a: argparse.Namespace) -> None:
           "the true ones; steps = optimiser steps (oracle: its training)")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.drop(columns=["ks_can_tell", "forget_loss"]).round(3).to_string(index=False))
+    folder = Path(s["oracle"]).parent
+    print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
+
+
+def _method_params(items: list[str] | None, methods) -> dict:
+    """``--param METHOD.KEY=VALUE`` -> ``{method: {key: value}}``."""
+    params: dict = {}
+    for key, value in _kv(items).items():
+        if "." not in key:
+            raise ValueError(f"--param takes METHOD.KEY=VALUE (e.g. npo.steps=200); got {key!r}. Methods: "
+                             f"{list(methods)}.")
+        m, k = key.split(".", 1)
+        params.setdefault(m, {})[k] = value
+    return params
+
+
+def _unlearn_lm(a: argparse.Namespace) -> None:
+    """`memloc unlearn` on a language-model run: forget canaries or subjects, compare with the retrained oracle."""
+    import pandas as pd
+    import torch
+
+    from .edit.unlearn_lm import LM_METHODS, compare_lm_unlearning
+    from .models.transformer import LMRun
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = LMRun(a.run)
+    methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
+    table = compare_lm_unlearning(run, a.forget or "canaries", methods, out=a.out, seed=a.seed,
+                                  params=_method_params(a.param, LM_METHODS), progress=not a.quiet)
+    s = table.attrs["settings"]
+    c, mc = run.config, run.config["model"]
+    print(f"run: {run.path} ({mc['n_layers']} layers, d_model {mc['d_model']}, d_mlp {mc['d_mlp']}, seed {c['seed']}, "
+          f"lr {c['lr']}, batch {c['batch_size']}); forget set {s['forget']!r}: {s['n_forget']} sentences "
+          f"(canaries {s['forget_canaries']}, subjects {len(s['forget_subjects'])}), {s['n_members']} distinct items, "
+          f"retain {s['n_retain']}, holdout {s['n_holdout']}")
+    print(f"oracle: {s['oracle']} (train_lm with the run's settings on the retain sentences, {s['oracle_epochs']} "
+          "epochs)")
+    print(f"method seed {s['seed']}; parameters (memloc.edit.unlearn_lm.LM_DEFAULTS unless --param):")
+    for m, p in s["params"].items():
+        print(f"  {m}: {json.dumps(p)}")
+    print(f"forget quality = {s['forget_quality']}; power check (original vs oracle): p = {s['ks_power_p']:.2g} -> "
+          + ("the test can tell them apart" if s["ks_can_tell"] else "the test CANNOT tell (ks_p means nothing here)"))
+    print(f"mia_auc: {s['mia']}; forget_exact: greedy exact match of the forget canaries' secrets / the forgotten "
+          "subjects' objects; forget_exposure in bits; recall_*: retained facts from training / held-out templates; "
+          "steps = optimiser steps (oracle: its training)")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print(table.drop(columns=["ks_can_tell"]).round(3).to_string(index=False))
     folder = Path(s["oracle"]).parent
     print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
 
@@ -573,11 +618,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("unlearn", help="remove the forget set with each unlearning method; compare with an oracle "
                                        "retrained without it")
-    p.add_argument("run", help="a finished run folder")
-    p.add_argument("--forget", default="noisy",
-                   help="'noisy' (the flipped examples, default) or comma-separated training example ids")
+    p.add_argument("run", help="a finished run folder (classifier, or language model from `memloc lm train`)")
+    p.add_argument("--forget", default=None,
+                   help="classifier: 'noisy' (the flipped examples, default) or comma-separated training example ids; "
+                        "language model: 'canaries' (default), 'canaries:NAME,...', 'subjects:N', 'subjects:NAME,...'")
     p.add_argument("--method", default="all", help="all | comma-separated names among zero_units, grad_ascent, "
-                                                   "grad_diff, npo, finetune, reset_finetune, random_reset")
+                                                   "grad_diff, npo, finetune, reset_finetune, random_reset "
+                                                   "(language model: grad_ascent, grad_diff, npo, finetune, "
+                                                   "zero_neurons, random_neurons, rome)")
     p.add_argument("--param", action="append", metavar="METHOD.KEY=VALUE",
                    help="override a method default, repeatable (e.g. npo.steps=200, reset_finetune.fraction=0.1)")
     p.add_argument("--out", default=None, help="folder (default RUN/unlearn; results go to OUT/<forget set>/)")

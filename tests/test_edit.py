@@ -143,3 +143,33 @@ def test_suppressing_knowledge_neurons_beats_random(lm):
     assert abs(sup.random_change.mean()) < 0.05
     with pytest.raises(ValueError, match="layers"):
         knowledge_neurons(model, tok, world, world.facts[:1], layers=[7], progress=False)
+
+
+def test_rome_on_a_hugging_face_gpt2_bridge(tmp_path):
+    """The Hugging Face path (TransformerBridge.boot_transformers with a local model and tokenizer): GPT-2 keeps
+    its MLP output in a Conv1D stored [in, out]; the edit must come out in that orientation and be exact."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401
+
+    words = ["<pad>", "<bos>", "<unk>", "ada", "bob", "lives", "in", "paris", "rome", "is", "a"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", pad_token="<pad>",
+                                        unk_token="<unk>", eos_token="<bos>").save_pretrained(tmp_path)
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)  # as from a local cache
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=32,
+                                                              n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1))
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf.eval(), tokenizer=hf_tok).eval()
+    name, w, transposed = mlp_out_weight(model, 1)
+    assert transposed and tuple(w.shape) == (model.cfg.d_mlp, model.cfg.d_model)
+    assert subject_last_index(hf_tok, "{} lives in", "ada") == 1
+    C = key_second_moment(model, hf_tok, ["ada lives in paris", "bob lives in rome", "bob is a"], 1)
+    before = _state(model)
+    e = rome(model, hf_tok, Request("{} lives in", "ada", "rome"), 1, C + 1e-3 * torch.eye(len(C)))
+    assert e.info["rel_error"] < 1e-4 and e.deltas[name].shape == w.shape
+    with e.applied(model):
+        assert not _same(before, _state(model))
+    assert _same(before, _state(model))

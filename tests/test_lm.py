@@ -87,3 +87,46 @@ def test_lm_run_round_trip(lm):
         assert torch.equal(m1(x), m2(x))
     with pytest.raises(FileNotFoundError, match="not a memloc language-model run"):
         LMRun(lm.path.parent / "nothing")
+
+
+def test_edit_and_neurons_cli(lm, tmp_path, capsys):
+    import shutil
+
+    from memloc.cli import main
+
+    run = tmp_path / "lm"
+    shutil.copytree(lm.path, run)
+    s, fact = lm.world.subjects[0], lm.world.facts[0]
+    new = next(o for o in lm.world.relations[fact.relation][0] if o != fact.object)
+    assert main(["edit", str(run), "--subject", s, "--relation", fact.relation, "--new", new, "--save",
+                 str(tmp_path / "edited"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{fact.object} -> {new}" in out and "W'k - v*" in out
+    edited = LMRun(tmp_path / "edited")
+    assert edited.summary["edit"]["request"]["target_new"] == new
+    x = torch.tensor([lm.tokenizer.encode(lm.world.training_text()[0])])
+    with torch.no_grad():  # the saved model differs from the original; the original run is untouched
+        assert not torch.equal(edited.model()(x), lm.model()(x))
+    assert main(["edit", str(run), "--subject", s, "--relation", "spouse", "--new", new]) == 2
+    assert "Unknown relation" in capsys.readouterr().err
+    assert main(["edit", str(run), "--subject", s, "--relation", fact.relation, "--new", new, "--save",
+                 str(tmp_path / "edited")]) == 2  # never overwrites a folder
+    assert "not empty" in capsys.readouterr().err
+    assert main(["lm", "neurons", "--out", str(run), "--facts", "6", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "neurons per fact" in out and "suppress" in out
+    assert (run / "analysis" / "knowledge_neurons.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_counterfactual_memorization_ranks_canaries_above_facts():
+    from memloc.analyses.lm import counterfactual_memorization
+
+    w = make_fact_world(20, n_canaries=6, canary_digits=3, canary_repeats=(1, 4), seed=0)
+    df = counterfactual_memorization(w, n_models=4, epochs=30, d_model=32, d_mlp=128, progress=False)
+    assert len(df) == len(set(w.training_text())) and df.mem.between(-1, 1).all()
+    m = df.groupby("kind").mem.mean()
+    # a canary cannot be predicted without seeing it; a fact sentence mostly can, from the fact's other sentences
+    assert m["canary"] > m["fact"] + 0.1
+    assert (df.acc_in >= df.acc_out - 0.2).all()
+    with pytest.raises(ValueError, match="n_models"):
+        counterfactual_memorization(w, n_models=1)

@@ -11,7 +11,8 @@ import torch
 from ..hooks import require_eval
 from ..results import make_result
 
-__all__ = ["next_token_logprobs", "fact_recall", "canary_extraction", "exposure"]
+__all__ = ["next_token_logprobs", "fact_recall", "canary_extraction", "exposure", "token_accuracy",
+           "counterfactual_memorization"]
 
 
 def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -101,3 +102,68 @@ def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 
         rows.append({"name": c.name, "repeats": c.repeats, "rank": rank, "exposure": math.log2(space) - math.log2(rank),
                      "max_exposure": math.log2(space), "log_perplexity": -true, "exact": exact})
     return make_result(pd.DataFrame(rows), candidates=min(max_candidates, 10 ** len(world.canaries[0].secret)))
+
+
+def token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Per text: the fraction of its next tokens (after ``<bos>``) that the model predicts top-1 (teacher
+    forcing)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            toks, lens = tokenizer.batch(texts[s:s + batch_size])
+            pred = model(toks)[:, :-1].argmax(-1)
+            tgt = toks[:, 1:]
+            mask = tgt != tokenizer.pad_id
+            out.append(((pred == tgt) & mask).sum(1).double() / mask.sum(1))
+    return torch.cat(out).numpy()
+
+
+def counterfactual_memorization(world, n_models: int = 8, ratio: float = 0.5, epochs: int = 40,
+                                n_layers: int = 2, d_model: int = 64, d_mlp: int = 256, lr: float = 3e-3,
+                                batch_size: int = 64, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Counterfactual memorization of each distinct training sentence (Zhang et al. 2021): train ``n_models``
+    small transformers, each on a random ``ratio`` of the distinct sentences (every copy of a repeated sentence
+    goes in or out together; LiRA-style balanced subsets from :func:`memloc.ensemble.subset_masks`), and score
+    ``mem = mean token accuracy of models that saw it - that of models that did not``.
+
+    Rows ``text, kind`` (``canary`` / ``fact`` / ``profile``), ``copies``, ``acc_in``, ``acc_out``, ``mem``.
+    A canary is unpredictable without seeing it (high ``mem``); a fact sentence is largely predictable from the
+    fact's other sentences (low ``mem``).
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.facts import WordTokenizer
+    from ..ensemble import subset_masks
+    from ..models.transformer import _train_epoch, build_tiny_transformer, tiny_transformer_config
+
+    if n_models < 2:
+        raise ValueError(f"n_models must be at least 2 (models that saw a sentence and models that did not); "
+                         f"got {n_models}.")
+    text = world.training_text()
+    distinct = list(dict.fromkeys(text))
+    copies = {t: text.count(t) for t in distinct}
+    tok = WordTokenizer(world.words())
+    masks = subset_masks(n_models, len(distinct), ratio, seed, balanced=True)
+    cfg = tiny_transformer_config(len(tok), n_layers, d_model, max(1, d_model // 32), d_mlp,
+                                  max(16, max(len(t.split()) + 1 for t in distinct)))
+    acc = np.zeros((n_models, len(distinct)))
+    for m in tqdm(range(n_models), desc="counterfactual models", disable=not progress, leave=False):
+        train = [t for t, keep in zip(distinct, masks[m]) if keep for _ in range(copies[t])]
+        tokens, _ = tok.batch(train)
+        model = build_tiny_transformer(cfg, seed=seed * 1000 + m)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        for epoch in range(1, epochs + 1):
+            _train_epoch(model, opt, tokens, batch_size, seed * 1000 + m, epoch, tok.pad_id)
+        acc[m] = token_accuracy(model.eval(), tok, distinct)
+    with np.errstate(invalid="ignore"):
+        acc_in = np.where(masks, acc, np.nan)
+        acc_out = np.where(~masks, acc, np.nan)
+        a_in, a_out = np.nanmean(acc_in, 0), np.nanmean(acc_out, 0)
+    canaries = {c.text for c in world.canaries}
+    objects = {f.object for f in world.facts}
+    kind = ["canary" if t in canaries else "profile" if set(t.split()[1:]) <= objects else "fact" for t in distinct]
+    df = pd.DataFrame({"text": distinct, "kind": kind, "copies": [copies[t] for t in distinct],
+                       "acc_in": a_in, "acc_out": a_out, "mem": a_in - a_out})
+    return make_result(df, n_models=n_models, ratio=ratio, epochs=epochs, n_layers=n_layers, d_model=d_model,
+                       d_mlp=d_mlp, lr=lr, batch_size=batch_size, seed=seed, subsets="balanced (LiRA)",
+                       metric="teacher-forced top-1 token accuracy")

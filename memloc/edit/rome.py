@@ -121,12 +121,11 @@ class Edit:
 
 def _encode(tokenizer, text: str, bos: bool = True) -> list[int]:
     """Token ids with memloc's :class:`~memloc.data.facts.WordTokenizer` or a Hugging Face tokenizer."""
-    try:
+    if hasattr(tokenizer, "bos_id"):  # memloc's WordTokenizer
         return list(tokenizer.encode(text, bos=bos))
-    except TypeError:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        return [bos_id] + ids if bos and bos_id is not None else ids
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return [bos_id] + ids if bos and bos_id is not None else ids
 
 
 def subject_last_index(tokenizer, prompt: str, subject: str) -> int:

@@ -461,15 +461,16 @@ def _rome_requests(task: LMTask, forget_ids, seed: int) -> list[dict]:
 def _rome_method(new, ref, task, forget_ids, retain_ids, p, seed, progress):
     from tqdm.auto import tqdm
 
-    from .rome import Request, key_second_moment, rome
+    from .rome import EditConfig, Request, key_second_moment, rome
 
     requests = p["requests"] or _rome_requests(task, forget_ids, seed)
+    cfg = EditConfig(v_steps=p["v_steps"], clamp_norm_factor=p["clamp_norm_factor"])
     train = np.union1d(forget_ids, retain_ids)
     C = key_second_moment(ref, task.tokenizer, [task.texts[i] for i in train], p["layer"])
     edits, name = [], None
     for r in tqdm(requests, desc="rome", disable=not progress, leave=False):
         req = Request(r["prompt"], r["subject"], r["target_new"], r.get("target_true"))
-        e = rome(new, task.tokenizer, req, p["layer"], C)
+        e = rome(new, task.tokenizer, req, p["layer"], C, cfg)
         e.apply(new)
         (name,) = e.deltas
         edits.append({**r, "nll_end": e.info["nll_end"], "rel_error": e.info["rel_error"]})
@@ -484,9 +485,9 @@ LM_DEFAULTS: dict[str, dict[str, Any]] = {
     "grad_diff": {**_LM_FORGET, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 0.0},
     "npo": {**_LM_FORGET, "beta": 0.1, "retain_weight": 1.0},
     "finetune": {"steps": 300, "lr": 1e-3, "batch_size": 64, "schedule": "constant"},
-    "zero_neurons": {"n_neurons": 16, "layers": None, "ig_steps": 20},
-    "random_neurons": {"n_neurons": 16, "layers": None, "ig_steps": 20},
-    "rome": {"layer": 0, "requests": None},
+    "zero_neurons": {"n_neurons": 256, "layers": None, "ig_steps": 20},
+    "random_neurons": {"n_neurons": 256, "layers": None, "ig_steps": 20},
+    "rome": {"layer": 0, "requests": None, "v_steps": 20, "clamp_norm_factor": 4.0},
 }
 LM_METHODS = tuple(LM_DEFAULTS)
 LMTask.defaults = LM_DEFAULTS

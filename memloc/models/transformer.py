@@ -82,6 +82,21 @@ def _save_model(model, path: Path) -> None:
         save_file(state, str(tmp))
 
 
+def _train_epoch(model, opt, tokens: torch.Tensor, batch_size: int, seed: int, epoch: int, pad_id: int):
+    """One epoch over ``tokens`` in an order seeded by ``(seed, epoch)``; returns the last batch's loss."""
+    model.train()
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    loss = None
+    for b in range(math.ceil(len(tokens) / batch_size)):
+        batch = tokens[order[b * batch_size:(b + 1) * batch_size]]
+        loss = lm_loss(model, batch, pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss
+
+
 def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: int = 128, n_heads: int = 4,
              d_mlp: int = 512, epochs: int = 300, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 64,
              target_recall: float = 1.0, min_epochs: int = 0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> LMRun:
@@ -115,16 +130,8 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
     recall = canaries = None
     epoch = 0
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for b in range(math.ceil(len(tokens) / batch_size)):
-            batch = tokens[order[b * batch_size:(b + 1) * batch_size]]
-            loss = lm_loss(model, batch, tok.pad_id)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        loss = _train_epoch(model, opt, tokens, batch_size, seed, epoch, tok.pad_id)
         if epoch % 5 == 0 or epoch == epochs:
-            model.eval()
             recall = float(fact_recall(model, tok, world, "train").correct.mean())
             canaries = canary_extraction(model, tok, world)
             repeated = canaries[canaries.repeats > 1].extracted

@@ -1,0 +1,189 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memloc.analyses.lm import canary_extraction, fact_recall
+from memloc.edit.unlearn import unlearn
+from memloc.edit.unlearn_lm import (LM_METHODS, LMTask, compare_lm_unlearning, lm_forget_split, lm_task,
+                                    train_lm_oracle)
+from memloc.hooks import ablate
+from memloc.models.transformer import lm_loss
+
+pytest.importorskip("transformer_lens")
+
+FAST = {"grad_ascent": {}, "grad_diff": {"kl_weight": 1.0, "steps": 20}, "npo": {"steps": 20},
+        "finetune": {"steps": 10}, "zero_neurons": {"n_neurons": 24}, "random_neurons": {"n_neurons": 24},
+        "rome": {}}
+
+
+@pytest.fixture(scope="module")
+def setup(lm):
+    split = lm_forget_split(lm.world, "canaries")
+    return lm, lm_task(lm.tokenizer, split), split
+
+
+@pytest.fixture(scope="module")
+def oracle(setup, tmp_path_factory):
+    run, _, split = setup
+    return train_lm_oracle(run, split, tmp_path_factory.mktemp("unlearn_lm") / split.name / "oracle", progress=False)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _changed(a, b):
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_task_loss_is_lm_loss_and_suffix_exact_is_greedy_extraction(setup):
+    run, task, split = setup
+    model = run.model()
+    ids = np.r_[split.retain[:20], split.forget[:5]]  # facts, profiles and canaries: different lengths
+    b = task.batch(ids)
+    with torch.no_grad():
+        logits = task.logits(model, b)
+        assert logits.shape == (len(ids), b["tokens"].shape[1], model.cfg.d_vocab)
+        expect = lm_loss(model, task.tokens[ids], run.tokenizer.pad_id, reduction="none")
+        torch.testing.assert_close(task.loss(logits, b), expect, rtol=1e-5, atol=1e-5)
+        assert torch.equal(task.kl(logits, logits, b), torch.zeros(len(ids)))
+        assert (task.kl(logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)), logits, b) > 0).all()
+    # the continuation of a canary is its secret: teacher-forced exact match = greedy extraction
+    pe = task.per_example(model, split.members).set_index("example_id")
+    ex = canary_extraction(model, run.tokenizer, run.world).set_index("name")
+    for i in split.members:
+        assert pe.suffix_exact[i] == ex.extracted[split.info.subject[i]]
+    assert (pe.suffix_loss < pe.loss).all()
+    # the same task from token ids
+    ids_task = LMTask(run.tokenizer, task.tokens[ids], suffix=task.suffix[ids].numpy())
+    assert ids_task.texts == [task.texts[i] for i in ids]
+
+
+def test_splits(setup, lm):
+    run, task, split = setup
+    world = lm.world
+    forget_text = [split.texts[i] for i in split.forget]
+    assert sorted(forget_text) == sorted(t for c in world.canaries for t in [c.text] * c.repeats)
+    assert len(split.forget) + len(split.retain) == split.n_train == len(world.training_text())
+    assert len(split.members) == len(world.canaries)  # each canary once, for MIA and KS
+    vocab = set(run.tokenizer.vocab)
+    hold = split.info.iloc[split.holdout]
+    assert (hold.kind == "holdout_canary").all() and not set(hold.subject) & vocab  # never inserted anywhere
+    two = lm_forget_split(world, f"canaries:{world.canaries[0].name},{world.canaries[1].name}")
+    assert {split.texts[i] for i in two.forget} == {world.canaries[0].text, world.canaries[1].text}
+    subj = lm_forget_split(world, "subjects:3")
+    assert subj.subjects == tuple(world.subjects[:3]) and subj.name == "subjects-3"
+    about = [any(s in t.split() for s in subj.subjects) for t in subj.texts[:subj.n_train]]
+    assert set(subj.forget) == set(np.flatnonzero(about))  # every fact and profile sentence, nothing else
+    assert (subj.info.kind.iloc[subj.forget] == "profile").sum() == 3 * world.settings["profiles"]
+    assert all(t.split()[0] in subj.subjects for t in (subj.texts[i] for i in subj.holdout))
+    assert lm_forget_split(world, [world.subjects[0], world.canaries[0].name]).name.startswith("names-")
+    for bad, msg in [("canaries:nobody", "Unknown canar"), ("subjects:0", "subjects:N"), ("everything", "must be")]:
+        with pytest.raises(ValueError, match=msg):
+            lm_forget_split(world, bad)
+    with pytest.raises(ValueError, match="valid methods are .*zero_neurons.*rome"):
+        unlearn(run.model(), task, split.forget, split.retain, "reset_finetune")
+
+
+def test_oracle_never_saw_the_forget_set(setup, oracle, tmp_path):
+    run, task, split = setup
+    text = json.loads((oracle.path / "training_text.json").read_text())["text"]
+    forget = {split.texts[i] for i in split.forget}
+    assert text == [split.texts[i] for i in split.retain] and not forget & set(text)
+    assert oracle.summary["unlearn_oracle"]["excluded"] == sorted(forget)
+    assert oracle.config["model"] == run.config["model"] and oracle.config["seed"] == run.config["seed"]
+    assert oracle.tokenizer.vocab == run.tokenizer.vocab
+    assert oracle.config["n_sentences"] == len(split.retain)
+    m = oracle.model()
+    assert not canary_extraction(m, run.tokenizer, run.world).extracted.any()
+    assert canary_extraction(run.model(), run.tokenizer, run.world).extracted.all()
+    assert fact_recall(m, run.tokenizer, run.world).correct.mean() > 0.95
+    stamp = (oracle.path / "model.safetensors").stat().st_mtime_ns
+    assert train_lm_oracle(run, split, oracle.path, progress=False).path == oracle.path  # reused, not retrained
+    assert (oracle.path / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="other sentences"):
+        train_lm_oracle(run, lm_forget_split(run.world, "subjects:2"), oracle.path, progress=False)
+
+
+@pytest.mark.parametrize("method", LM_METHODS)
+def test_each_method_changes_only_what_it_claims(setup, method):
+    run, task, split = setup
+    model = run.model()
+    before = _params(model)
+    new, rec = unlearn(model, task, split.forget, split.retain, method, seed=1, **FAST[method])
+    assert _changed(before, _params(model)) == set(), "the input model was modified"
+    after = _params(new)
+    changed = _changed(before, after)
+    assert changed and changed <= set(rec["changed"]["parameters"]) | set(rec["changed"]["buffers"])
+    assert rec["method"] == method and rec["seed"] == 1
+    if method in ("zero_neurons", "random_neurons"):
+        neurons = rec["neurons"]
+        assert sum(len(v) for v in neurons.values()) == 24
+        for site, idx in neurons.items():
+            layer = int(site.split(".")[1])
+            w, b = (k for k in rec["changed"]["parameters"] if k.startswith(f"layers.{layer}.") and "fc_in" in k)
+            moved = (before[w] != after[w]).any(1) | (before[b] != after[b])
+            assert moved.nonzero().flatten().tolist() == idx and (after[w][idx] == 0).all()
+            assert rec["changed"]["entries"][w] == len(idx) * before[w].shape[1]
+        x = task.batch(split.retain[:50])["tokens"]
+        with torch.no_grad(), ablate(model, neurons):
+            expect = model(x)
+        torch.testing.assert_close(new(x), expect, rtol=0, atol=1e-6)
+    elif method == "rome":
+        (name,) = rec["changed"]["parameters"]
+        assert "layers.0." in name and "fc_out" in name and changed == {name}
+        assert len(rec["edits"]) == len(run.world.canaries)
+        assert all(e["target_new"] != e["target_true"] for e in rec["edits"])
+    else:
+        assert set(rec["changed"]["parameters"]) == {k for k, _ in model.named_parameters()}
+
+
+def test_localized_neurons_are_not_random(setup):
+    run, task, split = setup
+    model = run.model()
+    _, loc = unlearn(model, task, split.forget, split.retain, "zero_neurons", n_neurons=24)
+    _, rnd = unlearn(model, task, split.forget, split.retain, "random_neurons", n_neurons=24)
+    assert {k: len(v) for k, v in loc["neurons"].items()} == {k: len(v) for k, v in rnd["neurons"].items()}
+    assert loc["neurons"] != rnd["neurons"]
+
+
+def test_grad_ascent_destroys_recall_others_keep_it_and_canaries_are_forgotten(setup):
+    run, task, split = setup
+    model, tok, world = run.model(), run.tokenizer, run.world
+    recall, extracted = {}, {}
+    for m in ("grad_ascent", "grad_diff", "npo"):
+        new, _ = unlearn(model, task, split.forget, split.retain, m)
+        recall[m] = fact_recall(new, tok, world).correct.mean()
+        extracted[m] = canary_extraction(new, tok, world).extracted.mean()
+    assert fact_recall(model, tok, world).correct.mean() == 1.0
+    assert recall["grad_ascent"] < 0.7, recall
+    assert min(recall["grad_diff"], recall["npo"]) > 0.8 and recall["npo"] > 0.95, recall
+    assert extracted["grad_diff"] == extracted["npo"] == 0.0, extracted
+
+
+def test_compare_table_and_cli(setup, oracle, tmp_path, capsys):
+    from memloc.cli import main
+
+    run, _, split = setup
+    out = oracle.path.parent.parent  # reuses the module's oracle: OUT/<split name>/oracle
+    methods = ["grad_diff", "zero_neurons"]
+    params = {"zero_neurons": {"n_neurons": 24}}
+    table = compare_lm_unlearning(run, "canaries", methods, out=out, params=params, progress=False)
+    assert table.method.tolist() == ["original", "oracle", *methods]
+    t = table.set_index("method")
+    assert t.forget_exact["original"] == 1.0 and t.forget_exact["oracle"] == 0.0
+    assert t.forget_exposure["original"] > t.forget_exposure["oracle"] + 3
+    assert t.mia_auc["original"] > 0.9 and t.ks_can_tell.all() and t.ks_p["original"] < 0.05
+    assert t.forget_exact["grad_diff"] == 0.0 and t.recall_train["grad_diff"] > 0.8
+    assert (out / split.name / "tradeoff.png").exists()
+    s = table.attrs["settings"]
+    assert s["params"]["zero_neurons"]["n_neurons"] == 24 and s["forget_canaries"] == [c.name for c in run.world.canaries]
+    args = ["unlearn", str(run.path), "--method", ",".join(methods), "--out", str(out), "--param",
+            "zero_neurons.n_neurons=24", "--quiet", "--threads", "1"]
+    assert main(args) in (0, None)
+    printed = capsys.readouterr().out
+    assert "power check" in printed and "zero_neurons" in printed and "oracle" in printed
+    again = compare_lm_unlearning(run, "canaries", methods, out=out, params=params, progress=False)
+    assert again.seconds.tolist() == table.seconds.tolist()  # rows reused
