@@ -651,42 +651,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print summary.json as is")
 
     a = parser.parse_args(argv)
+    commands = {"train": _train_from_args, "investigate": _investigate, "locate": _locate, "probe": _probe,
+                "scores": _scores, "sweep": _sweep, "lm": _lm, "edit": _edit, "unlearn": _unlearn,
+                "summary": _summary}
     try:
-        if a.command == "train":
-            _train_from_args(a)
-        elif a.command == "investigate":
-            _investigate(a)
-        elif a.command == "locate":
-            _locate(a)
-        elif a.command == "probe":
-            _probe(a)
-        elif a.command == "scores":
-            _scores(a)
-        elif a.command == "sweep":
-            from .sweep import load_spec, run_sweep
-
-            spec = load_spec(a.spec)
-            out = a.out or f"sweeps/{spec['name']}"
-            table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet)
-            print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
-                  f"{out}/results.parquet, {out}/summary.png")
-        elif a.command == "lm":
-            _lm(a)
-        elif a.command == "edit":
-            _edit(a)
-        elif a.command == "unlearn":
-            _unlearn(a)
-        elif a.command == "summary":
-            from .train import Run, format_summary
-
-            run = Run(a.run)
-            if run.summary is None:
-                print(f"{run!r}: not finished; rerun the same `memloc train` command to resume it.")
-                return 1
-            print(json.dumps(run.summary, indent=2) if a.json else format_summary(run.summary, run.path))
+        rc = commands[a.command](a)
+        return rc if isinstance(rc, int) else 0
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"memloc: error: {e}", file=sys.stderr)
         return 2
+
+
+def _sweep(a: argparse.Namespace) -> None:
+    from .sweep import load_spec, run_sweep
+
+    spec = load_spec(a.spec)
+    out = a.out or f"sweeps/{spec['name']}"
+    table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet)
+    print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
+          f"{out}/results.parquet, {out}/summary.png")
+
+
+def _summary(a: argparse.Namespace) -> int:
+    from .train import Run, format_summary
+
+    run = Run(a.run)
+    if run.summary is None:
+        print(f"{run!r}: not finished; rerun the same `memloc train` command to resume it.")
+        return 1
+    print(json.dumps(run.summary, indent=2) if a.json else format_summary(run.summary, run.path))
     return 0
 
 

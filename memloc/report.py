@@ -193,8 +193,8 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
                    progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """The language-model investigation (``memloc investigate --preset lm``): train the fact-world testbed, measure
     fact recall and canary exposure, trace facts (residual stream, MLP, attention), find knowledge neurons and
-    suppress/amplify them, benchmark ROME / MEMIT edits, and (when available) compare unlearning methods on the
-    canaries; one folder with ``index.html``. Resumable like :func:`investigate`."""
+    suppress/amplify them, benchmark ROME / MEMIT edits, and compare unlearning methods on the canaries (with an
+    oracle retrained without them); one folder with ``index.html``. Resumable like :func:`investigate`."""
     from .analyses import plots
     from .analyses.lm import canary_extraction, exposure, fact_recall
     from .data.facts import make_fact_world
@@ -232,23 +232,29 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     t0 = time.perf_counter()
     edits_table = compare_editors(model, tok, world, out / "edit", n=o["edits"], seed=o["seed"], progress=progress)
     log(f"edits: {time.perf_counter() - t0:.1f} s")
+    from .edit.unlearn_lm import compare_lm_unlearning, plot_lm_tradeoff
+
+    t0 = time.perf_counter()
+    unlearn_table = compare_lm_unlearning(run, "canaries", out=out / "unlearn", seed=o["seed"], progress=progress)
+    log(f"unlearning: {time.perf_counter() - t0:.1f} s")
 
     figs = {f"trace_{k}.png": (lambda df=df: plots.plot_trace(df)) for k, df in traces.items()}
     figs["knowledge_neurons.png"] = lambda: plots.plot_knowledge_neurons(kn, effects)
     figs["edits.png"] = lambda: plots.plot_edits(edits_table)
+    figs["unlearning.png"] = lambda: plot_lm_tradeoff(unlearn_table)
     for name, make in figs.items():
         plots.save_figure(make(), out / name)
-    findings = _lm_findings(s, ex, traces, kn, effects, edits_table)
+    findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table)
     with atomic_path(out / "findings.txt") as tmp:
         tmp.write_text("\n".join(f"- {f}" for f in findings) + "\n")
     with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(_lm_page(run, findings, ex, edits_table))
+        tmp.write_text(_lm_page(run, findings, ex, edits_table, unlearn_table))
     log("findings:\n" + "\n".join(f"- {f}" for f in findings))
     log(f"report: {out / 'index.html'}")
     return out / "index.html"
 
 
-def _lm_findings(s, ex, traces, kn, effects, edits) -> list[str]:
+def _lm_findings(s, ex, traces, kn, effects, edits, unlearn) -> list[str]:
     f = [f"The {s['model']['n_layers']}-layer testbed recalls {s['fact_recall_train_templates']:.0%} of the facts on "
          f"training templates and {s['fact_recall_heldout_templates']:.0%} on held-out paraphrases."]
     g = ex.groupby("repeats").agg(extracted=("extracted", "mean"), exposure=("exposure", "mean"),
@@ -287,17 +293,23 @@ def _lm_findings(s, ex, traces, kn, effects, edits) -> list[str]:
         m, q = e.loc[memit[0]], e.loc[seq[0]]
         f.append(f"{int(m.n)} edits at once: MEMIT keeps {m.unedited_acc:.0f}% of unedited subjects' facts "
                  f"(efficacy {m.es:.0f}%), sequential ROME {q.unedited_acc:.0f}% (efficacy {q.es:.0f}%).")
+    u = unlearn.set_index("method")
+    row = lambda m: (f"{m}: extraction {u.loc[m, 'forget_exact']:.0%}, exposure {u.loc[m, 'forget_exposure']:.1f} "
+                     f"bits, fact recall {u.loc[m, 'recall_train']:.0%}")
+    f.append("Unlearning the canaries (" + "; ".join(row(m) for m in ("original", "oracle", "grad_ascent", "grad_diff")
+                                                    if m in u.index) + ").")
     return f
 
 
-def _lm_page(run, findings, ex, edits) -> str:
+def _lm_page(run, findings, ex, edits, unlearn) -> str:
     esc = html.escape
     cfg = json.dumps(run.config, indent=1)
     sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
                 ("Causal tracing: MLP outputs", "trace_mlp.png", "Windows of 2 layers."),
                 ("Causal tracing: attention outputs", "trace_attn.png", "Windows of 2 layers."),
                 ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
-                ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME.")]
+                ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
+                ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
     body = "\n".join(f"<h2>{esc(t)}</h2><p>{esc(c)}</p><img src='{esc(img)}' alt='{esc(t)}'>" for t, img, c in sections)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>memloc language-model investigation</title>
@@ -308,6 +320,7 @@ td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;ov
 <h2>Findings</h2><ul>{''.join(f'<li>{esc(x)}</li>' for x in findings)}</ul>
 <h2>Canaries</h2>{ex.round(3).to_html(index=False, border=0)}
 <h2>Edit benchmark (percent)</h2>{edits.to_html(index=False, border=0)}
+<h2>Unlearning the canaries</h2>{unlearn.drop(columns=[c for c in ("seconds",) if c in unlearn]).round(3).to_html(index=False, border=0)}
 {body}
 <h2>Settings</h2><pre>{esc(cfg)}</pre>
 <p>Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: <code>run/</code>.</p>

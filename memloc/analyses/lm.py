@@ -60,6 +60,27 @@ def _sequence_logprob(model, tokenizer, prefix: str, continuations: list[list[st
     return torch.cat(out).numpy()
 
 
+def _all_strings_logprob(model, tokenizer, prefix: str, k: int, batch_size: int = 1024) -> np.ndarray:
+    """Log-probability of every digit string of length ``k`` after ``prefix``, in lexicographic order
+    (``"0..0"`` first), from one pass over the ``10^(k-1)`` stems: a string's score is its stem's digit
+    log-probabilities plus the last digit's log-probability at the stem's end."""
+    digits = torch.tensor([tokenizer.id(str(d)) for d in range(10)])
+    base = tokenizer.encode(prefix)
+    stems = list(itertools.product(range(10), repeat=k - 1))
+    ids = torch.tensor([base + [int(digits[d]) for d in st] for st in stems], dtype=torch.long).view(len(stems), -1)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            x = ids[s:s + batch_size]
+            lp = torch.log_softmax(model(x).double(), -1)
+            pos = torch.arange(len(base) - 1, len(base) - 1 + k - 1)
+            stem = lp[:, pos].gather(2, x[:, pos + 1].unsqueeze(-1)).squeeze(-1).sum(1) if k > 1 else \
+                torch.zeros(len(x), dtype=torch.float64)
+            last = lp[:, len(base) - 1 + k - 1][:, digits]  # [B, 10]
+            out.append((stem[:, None] + last).reshape(-1))
+    return torch.cat(out).numpy()
+
+
 def canary_extraction(model, tokenizer, world) -> pd.DataFrame:
     """Greedy decoding after each canary's prefix: ``extracted`` is True when it reproduces the whole secret
     (exact match / extractable with the prefix as the prompt)."""
@@ -87,15 +108,15 @@ def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 
     for c in world.canaries:
         k = len(c.secret)
         space = 10 ** k
-        if space <= max_candidates:
-            cands = [list(t) for t in itertools.product(digits, repeat=k)]  # the secret is at int(secret)
+        if space <= max_candidates:  # every string, lexicographic: the secret is at int(secret)
+            lp = _all_strings_logprob(model, tokenizer, c.prefix, k)
             exact, true_at = True, int("".join(c.secret))
         else:
             cands = [list(rng.choice(digits, k)) for _ in range(max_candidates)] + [list(c.secret)]
             exact, true_at = False, len(cands) - 1
+            lp = _sequence_logprob(model, tokenizer, c.prefix, cands)
         # every candidate, the secret included, is scored in the same batched passes (a separate pass differs in
         # the last float32 bits and could rank the secret below itself); ties within 1e-6 nats count as equal
-        lp = _sequence_logprob(model, tokenizer, c.prefix, cands)
         true = lp[true_at]
         better = float((np.delete(lp, true_at) > true + 1e-6).sum())
         rank = 1 + (better if exact else better / (len(cands) - 1) * space)

@@ -511,9 +511,12 @@ def _only(world: FactWorld, canaries=None, subjects=None) -> FactWorld:
     return w
 
 
-def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld, oracle_losses=None) -> dict:
+def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld, oracle_losses=None,
+                           exposure_candidates: int = 10_000) -> dict:
     """One table row (module docstring): ``forget_exact, forget_exposure, other_canaries, recall_train,
-    recall_heldout, forget_loss, mia_auc`` and, with the oracle's per-item forget losses, ``ks_stat, ks_p``."""
+    recall_heldout, forget_loss, mia_auc`` and, with the oracle's per-item forget losses, ``ks_stat, ks_p``.
+    Exposure ranks the secret among all digit strings up to ``exposure_candidates`` (4 digits: 10^4, exact; about
+    40 s per model on one thread), among a sample of that many beyond."""
     from ..analyses.lm import canary_extraction, exposure, fact_recall
 
     tok = task.tokenizer
@@ -522,7 +525,7 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
     if split.canaries:
         fw = _only(world, canaries=split.canaries)
         exact.append(canary_extraction(model, tok, fw).extracted.to_numpy(bool))
-        row["forget_exposure"] = float(exposure(model, tok, fw).exposure.mean())
+        row["forget_exposure"] = float(exposure(model, tok, fw, exposure_candidates).exposure.mean())
     else:
         row["forget_exposure"] = np.nan
     if split.subjects:
@@ -550,13 +553,16 @@ COLUMNS = ["method", "forget_exact", "forget_exposure", "other_canaries", "recal
 
 def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods: Sequence[str] | None = None,
                           out: str | Path | None = None, seed: int = 0, params: dict[str, dict] | None = None,
-                          n_holdout: int = 32, progress: bool = True) -> pd.DataFrame:
+                          n_holdout: int = 32, exposure_candidates: int = 10_000,
+                          progress: bool = True) -> pd.DataFrame:
     """Every LM method against the oracle on a finished :class:`~memloc.models.transformer.LMRun`: one row per
     method plus ``original`` and ``oracle`` (columns :data:`COLUMNS`, settings in ``attrs``).
 
     ``out`` (default ``RUN/unlearn``) gets ``<split name>/``: ``oracle/`` (resumable), ``rows/<method>.parquet``
-    (reused when parameters, seed and oracle match), ``table.parquet`` and ``tradeoff.png``. ``steps`` are
-    optimiser steps (the oracle's: its epochs x batches per epoch).
+    (also ``original`` and ``oracle``; reused when parameters, seed, oracle and evaluation settings match),
+    ``table.parquet`` and ``tradeoff.png``. ``steps`` are optimiser steps (the oracle's: its epochs x batches per
+    epoch). Exact exposure (``exposure_candidates``; one pass over the 10^(k-1) stems per canary, see
+    :func:`evaluate_lm_unlearning`).
     """
     from tqdm.auto import tqdm
 
@@ -581,40 +587,56 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
     base = {"run": str(run.path), "config": {k: v for k, v in run.config.items()}, "forget": split.name,
             "forget_canaries": [c.name for c in split.canaries], "forget_subjects": list(split.subjects),
             "n_forget": int(len(split.forget)), "n_members": int(len(split.members)),
-            "n_retain": int(len(split.retain)), "n_holdout": int(len(split.holdout)),
+            "n_retain": int(len(split.retain)), "n_holdout": int(len(split.holdout)), "n_holdout_asked": n_holdout,
             "oracle": str(oracle_run.path), "oracle_epochs": oracle_run.summary["epochs"], "seed": seed,
+            "exposure_candidates": exposure_candidates,
             "mia": "loss attack on continuation NLL, distinct forget items vs holdout (" +
                    ("never-inserted canaries" if split.canaries else "") + (" + " if split.canaries and
                    split.subjects else "") + ("held-out-template prompts" if split.subjects else "") + ")",
             "forget_quality": "two-sample KS test of per-item forget continuation NLL vs the oracle's"}
-    o = evaluate_lm_unlearning(oracle, task, split, world)
-    orig = evaluate_lm_unlearning(original, task, split, world, o["_forget_losses"])
-    o["ks_stat"], o["ks_p"] = 0.0, 1.0
-    can_tell = orig["ks_p"] < 0.05
+    keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates")
+
+    def reuse(name: str, settings: dict) -> pd.DataFrame | None:
+        """A finished row made with the same parameters, seed, oracle and evaluation settings."""
+        path = folder / "rows" / f"{name}.parquet"
+        if not path.exists():
+            return None
+        old = load_result(path)
+        same = {k: old.attrs["settings"].get(k) for k in keys}
+        return old if same == json.loads(json.dumps({k: settings.get(k) for k in keys})) else None
+
+    oracle_losses = task.per_example(oracle, split.members).suffix_loss.to_numpy()
     oracle_steps = oracle_run.summary["epochs"] * math.ceil(len(split.retain) / run.config["batch_size"])
-    rows = [_row_frame("original", {**orig, "changed_entries": 0, "steps": 0, "seconds": 0.0}, base),
-            _row_frame("oracle", {**o, "changed_entries": np.nan, "steps": oracle_steps,
-                                  "seconds": float(oracle_run.summary["seconds"])}, base)]
+    rows = []
+    for name, model, extra in [("original", original, {"changed_entries": 0, "steps": 0, "seconds": 0.0}),
+                               ("oracle", oracle, {"changed_entries": np.nan, "steps": oracle_steps,
+                                                   "seconds": float(oracle_run.summary["seconds"])})]:
+        df = reuse(name, base)
+        if df is None:
+            row = evaluate_lm_unlearning(model, task, split, world, oracle_losses, exposure_candidates)
+            df = _row_frame(name, {**row, **extra}, base)
+            save_result(df, folder / "rows" / f"{name}.parquet")
+        rows.append(df)
+    ks_power = float(rows[0].ks_p.iloc[0])
+    can_tell = ks_power < 0.05
     for m in tqdm(methods, desc="unlearn", disable=not progress):
-        path = folder / "rows" / f"{m}.parquet"
-        if path.exists():  # reuse a finished row made with the same parameters, seed and oracle
-            old = load_result(path)
-            same = {k: old.attrs["settings"].get(k) for k in ("params", "seed", "oracle")}
-            if same == json.loads(json.dumps({"params": effective[m], "seed": seed, "oracle": base["oracle"]})):
-                rows.append(old)
-                continue
+        settings = {**base, "method": m, "params": effective[m]}
+        df = reuse(m, settings)
+        if df is not None:
+            rows.append(df)
+            continue
         new, rec = unlearn(original, task, split.forget, split.retain, m, seed=seed, progress=progress,
                            **params.get(m, {}))
-        row = evaluate_lm_unlearning(new, task, split, world, o["_forget_losses"])
+        row = evaluate_lm_unlearning(new, task, split, world, oracle_losses, exposure_candidates)
         row["changed_entries"] = int(sum(rec["changed"]["entries"].values()))
         row["steps"] = int(rec["params"].get("steps", 0))
         row["seconds"] = rec["seconds"]
-        df = _row_frame(m, row, {**base, "method": m, "params": effective[m], "record": rec})
-        save_result(df, path)
+        df = _row_frame(m, row, {**settings, "record": rec})
+        save_result(df, folder / "rows" / f"{m}.parquet")
         rows.append(df)
     table = pd.concat(rows, ignore_index=True)
     table["ks_can_tell"] = can_tell
-    table = make_result(table[COLUMNS], **base, ks_power_p=orig["ks_p"], ks_can_tell=bool(can_tell),
+    table = make_result(table[COLUMNS], **base, ks_power_p=ks_power, ks_can_tell=bool(can_tell),
                         params={m: effective[m] for m in methods}, methods=methods)
     save_result(table, folder / "table.parquet")
     from ..analyses.plots import save_figure
@@ -623,8 +645,9 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
 
 
 def plot_lm_tradeoff(table: pd.DataFrame):
-    """Forget vs retain for a :func:`compare_lm_unlearning` table: forget exact match against fact recall from
-    training templates and from held-out templates, and the membership AUC against training-template recall;
+    """Forget vs retain for a :func:`compare_lm_unlearning` table: the forget canaries' exposure (forget-set
+    NLL without canaries) against fact recall from training templates, forget exact match against recall from
+    held-out templates, and the membership AUC against training-template recall;
     original and oracle marked, settings in the title."""
     import textwrap
 
@@ -633,13 +656,16 @@ def plot_lm_tradeoff(table: pd.DataFrame):
     s = table.attrs.get("settings", {})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
     marks = "ovD^<>phX8P"
-    pairs = [("forget_exact", "recall_train"), ("forget_exact", "recall_heldout"), ("mia_auc", "recall_train")]
+    first = "forget_exposure" if table.forget_exposure.notna().any() else "forget_loss"
+    pairs = [(first, "recall_train"), ("forget_exact", "recall_heldout"), ("mia_auc", "recall_train")]
     for k, (_, r) in enumerate(table.iterrows()):
         style = {"original": dict(marker="s", color="black", s=70), "oracle": dict(
             marker="*", color="gold", edgecolor="black", s=260)}.get(r.method, dict(marker=marks[k % len(marks)], s=60))
         for ax, (x, y) in zip(axes, pairs):
             ax.scatter(r[x], r[y], label=r.method, zorder=3, alpha=0.85, **style)
     labels = {"forget_exact": "forget exact match (greedy; lower = forgotten)",
+              "forget_exposure": "forget canaries' exposure, bits (lower = forgotten)",
+              "forget_loss": "forget continuation NLL (higher = forgotten)",
               "mia_auc": "membership AUC, forget vs holdout (oracle's is the target)",
               "recall_train": "fact recall, training templates (retained)",
               "recall_heldout": "fact recall, held-out templates (retained)"}
