@@ -196,7 +196,7 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     suppress/amplify them, benchmark ROME / MEMIT edits, and compare unlearning methods on the canaries (with an
     oracle retrained without them); one folder with ``index.html``. Resumable like :func:`investigate`."""
     from .analyses import plots
-    from .analyses.lm import canary_extraction, exposure, fact_recall
+    from .analyses.lm import canary_extraction, exposure
     from .data.facts import make_fact_world
     from .edit.evaluate import compare_editors
     from .locate.knowledge import intervene_knowledge_neurons, knowledge_neurons

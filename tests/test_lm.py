@@ -7,7 +7,7 @@ pytest.importorskip("transformer_lens")
 from memloc.analyses.lm import canary_extraction, exposure
 from memloc.data.facts import WordTokenizer, make_fact_world
 from memloc.locate.trace import bucket_positions, trace, trace_facts
-from memloc.models.transformer import LMRun, train_lm
+from memloc.models.transformer import LMRun
 
 
 def test_fact_world_is_seeded_and_holds_out_paraphrases():

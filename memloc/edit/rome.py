@@ -295,7 +295,7 @@ def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig)
 
 def _mean_keys(model, tokenizer, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
     """``[n, d_mlp]``: each request's key at the subject's last token, averaged over the context templates."""
-    seqs, rows, pos = [], [], []
+    seqs, pos = [], []
     for r in reqs:
         for c in cfg.context_templates:
             p = c.format(r.prompt)

@@ -103,7 +103,18 @@ def _generator(*parts: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------------------------- the task
 
-class ClassifierTask:
+class Task:
+    """The shared part of the task protocol: ``batches`` over ``self.batch(ids)``."""
+
+    def batches(self, ids, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[dict]:
+        ids = np.asarray(ids, dtype=np.int64)
+        if seed is not None:
+            ids = ids[torch.randperm(len(ids), generator=_generator(seed, epoch)).numpy()]
+        for s in range(0, len(ids), batch_size):
+            yield self.batch(ids[s:s + batch_size])
+
+
+class ClassifierTask(Task):
     """The task protocol (module docstring) for a classifier trained on a :class:`~memloc.data.Dataset`.
 
     Args:
@@ -134,13 +145,6 @@ class ClassifierTask:
         d, dev = self.data, self.device
         return {"x": d.x[pos].to(dev), "y": d.y[pos].to(dev), "original_label": d.original_label[pos].to(dev),
                 "example_id": d.example_id[pos]}
-
-    def batches(self, ids, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[dict]:
-        ids = np.asarray(ids, dtype=np.int64)
-        if seed is not None:
-            ids = ids[torch.randperm(len(ids), generator=_generator(seed, epoch)).numpy()]
-        for s in range(0, len(ids), batch_size):
-            yield self.batch(ids[s:s + batch_size])
 
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """``[B, K]`` logits (under the example-tied dropout mode, if any)."""

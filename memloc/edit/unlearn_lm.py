@@ -58,7 +58,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,7 +69,7 @@ from torch import nn
 from ..data.facts import _SYLLABLES, Canary, FactWorld
 from ..hooks import require_eval
 from ..results import load_result, make_result, read_json, save_result, write_json
-from .unlearn import Split, _generator, _params, _row_frame, forget_quality, mia_auc, unlearn
+from .unlearn import Split, Task, _generator, _params, _row_frame, forget_quality, mia_auc, unlearn
 
 __all__ = ["LMTask", "LMSplit", "lm_forget_split", "lm_task", "train_lm_oracle", "LM_DEFAULTS", "LM_METHODS",
            "attributed_neurons", "evaluate_lm_unlearning", "compare_lm_unlearning", "plot_lm_tradeoff"]
@@ -79,7 +79,7 @@ MLP_IN = "blocks.{}.mlp.in"  # the MLP input projection of a TransformerBridge b
 
 # ----------------------------------------------------------------------------------------------- the task
 
-class LMTask:
+class LMTask(Task):
     """The task protocol (:mod:`memloc.edit.unlearn`) for a language model on a list of sentences.
 
     Args:
@@ -122,13 +122,6 @@ class LMTask:
         T = int(self.lengths[ids].max())
         return {"tokens": self.tokens[ids, :T].to(self.device), "lengths": self.lengths[ids],
                 "suffix": self.suffix[ids], "example_id": ids}
-
-    def batches(self, ids, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[dict]:
-        ids = np.asarray(ids, dtype=np.int64)
-        if seed is not None:
-            ids = ids[torch.randperm(len(ids), generator=_generator(seed, epoch)).numpy()]
-        for s in range(0, len(ids), batch_size):
-            yield self.batch(ids[s:s + batch_size])
 
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """``[B, T, V]``."""
