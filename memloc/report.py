@@ -100,14 +100,35 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
         "dimension.png": lambda: plots.plot_layer_dimensions(dim),
         "knn.png": lambda: plots.plot_knn_probe(knn),
     }
+    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn)
+    sections = [("Training", "learning_curves.png", "Accuracy and loss per epoch; noisy accuracy is against the flipped labels."),
+                ("Which examples are memorized", "scores.png", "Per-example scores, clean vs flipped, with their AUROC."),
+                ("Most and least memorized examples", "gallery.png", "Red titles: flipped labels."),
+                ("Layer rewinding", "rewind.png", "Each layer put back to an earlier checkpoint in the final model."),
+                ("Layer retraining", "retrain.png", "One layer reset to initialisation and retrained on clean examples, all others frozen."),
+                ("Greedy neuron ablation", "ablate.png", "Units zeroed until an example's prediction flips."),
+                ("Memorizing vs clean-label model", "similarity.png", "Layer-by-layer similarity of the two models."),
+                ("Intrinsic dimension", "dimension.png", "TwoNN per layer, all / clean / flipped examples."),
+                ("k-NN probe", "knn.png", "Where class structure is lost for memorized examples.")]
+    return _write_report(
+        out, figs, findings, log, title="memloc investigation",
+        heading=f"Where is memorization? {base['model']} on {base['dataset']}, {base['noise']:.0%} flipped labels",
+        tables=[("AUROC of each score for the flipped labels", auc[["score", "auroc"]].round(3))],
+        sections=sections, settings=run.config.to_dict(),
+        footer="Tables: the <code>*.parquet</code> files next to this page (settings in their metadata); the run: "
+               "<code>run/</code>.")
+
+
+def _write_report(out: Path, figs: dict, findings: list[str], log, **page) -> Path:
+    """Save every figure, ``findings.txt`` and ``index.html`` (see :func:`_page`) atomically; log the findings."""
+    from .analyses import plots
+
     for name, make in figs.items():
         plots.save_figure(make(), out / name)
-    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn)
     with atomic_path(out / "findings.txt") as tmp:
         tmp.write_text("\n".join(f"- {f}" for f in findings) + "\n")
-    page = _page(run, base, findings, auc, figs)
     with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page)
+        tmp.write_text(_page(findings=findings, **page))
     log("findings:\n" + "\n".join(f"- {f}" for f in findings))
     log(f"report: {out / 'index.html'}")
     return out / "index.html"
@@ -157,31 +178,23 @@ def _findings(run, clean, auc, rw, rt, ab, same, dim, knn) -> list[str]:
     return f
 
 
-def _page(run, base: dict, findings: list[str], auc: pd.DataFrame, figs: dict) -> str:
+def _page(title: str, heading: str, findings: list[str], tables: list[tuple[str, pd.DataFrame]],
+          sections: list[tuple[str, str, str]], settings: dict, footer: str) -> str:
+    """The report page: findings, tables, one (heading, image, caption) section per figure, the settings."""
     esc = html.escape
-    cfg = json.dumps(run.config.to_dict(), indent=1)
-    sections = [("Training", "learning_curves.png", "Accuracy and loss per epoch; noisy accuracy is against the flipped labels."),
-                ("Which examples are memorized", "scores.png", "Per-example scores, clean vs flipped, with their AUROC."),
-                ("Most and least memorized examples", "gallery.png", "Red titles: flipped labels."),
-                ("Layer rewinding", "rewind.png", "Each layer put back to an earlier checkpoint in the final model."),
-                ("Layer retraining", "retrain.png", "One layer reset to initialisation and retrained on clean examples, all others frozen."),
-                ("Greedy neuron ablation", "ablate.png", "Units zeroed until an example's prediction flips."),
-                ("Memorizing vs clean-label model", "similarity.png", "Layer-by-layer similarity of the two models."),
-                ("Intrinsic dimension", "dimension.png", "TwoNN per layer, all / clean / flipped examples."),
-                ("k-NN probe", "knn.png", "Where class structure is lost for memorized examples.")]
     body = "\n".join(f"<h2>{esc(t)}</h2><p>{esc(c)}</p><img src='{esc(img)}' alt='{esc(t)}'>" for t, img, c in sections)
-    auc_html = auc[["score", "auroc"]].round(3).to_html(index=False, border=0)
+    tables_html = "\n".join(f"<h2>{esc(t)}</h2>{df.to_html(index=False, border=0)}" for t, df in tables)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>memloc investigation</title>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
 img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0 1.5em}} table{{border-collapse:collapse}}
 td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
-<body><h1>Where is memorization? {esc(base['model'])} on {esc(base['dataset'])}, {base['noise']:.0%} flipped labels</h1>
+<body><h1>{esc(heading)}</h1>
 <h2>Findings</h2><ul>{''.join(f'<li>{esc(x)}</li>' for x in findings)}</ul>
-<h2>AUROC of each score for the flipped labels</h2>{auc_html}
+{tables_html}
 {body}
-<h2>Settings</h2><pre>{esc(cfg)}</pre>
-<p>Tables: the <code>*.parquet</code> files next to this page (settings in their metadata); the run: <code>run/</code>.</p>
+<h2>Settings</h2><pre>{esc(json.dumps(settings, indent=1))}</pre>
+<p>{footer}</p>
 </body></html>
 """
 
@@ -242,16 +255,22 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     figs["knowledge_neurons.png"] = lambda: plots.plot_knowledge_neurons(kn, effects)
     figs["edits.png"] = lambda: plots.plot_edits(edits_table)
     figs["unlearning.png"] = lambda: plot_lm_tradeoff(unlearn_table)
-    for name, make in figs.items():
-        plots.save_figure(make(), out / name)
     findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table)
-    with atomic_path(out / "findings.txt") as tmp:
-        tmp.write_text("\n".join(f"- {f}" for f in findings) + "\n")
-    with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(_lm_page(run, findings, ex, edits_table, unlearn_table))
-    log("findings:\n" + "\n".join(f"- {f}" for f in findings))
-    log(f"report: {out / 'index.html'}")
-    return out / "index.html"
+    sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
+                ("Causal tracing: MLP outputs", "trace_mlp.png", "Windows of 2 layers."),
+                ("Causal tracing: attention outputs", "trace_attn.png", "Windows of 2 layers."),
+                ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
+                ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
+                ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
+    tables = [("Canaries", ex.round(3)), ("Edit benchmark (percent)", edits_table),
+              ("Unlearning the canaries", unlearn_table.drop(columns=[c for c in ("seconds",) if c in unlearn_table])
+               .round(3))]
+    return _write_report(
+        out, figs, findings, log, title="memloc language-model investigation",
+        heading="Where does a tiny transformer keep facts and secrets?", tables=tables, sections=sections,
+        settings=run.config,
+        footer="Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: "
+               "<code>run/</code>.")
 
 
 def _lm_findings(s, ex, traces, kn, effects, edits, unlearn) -> list[str]:
@@ -299,30 +318,3 @@ def _lm_findings(s, ex, traces, kn, effects, edits, unlearn) -> list[str]:
     f.append("Unlearning the canaries (" + "; ".join(row(m) for m in ("original", "oracle", "grad_ascent", "grad_diff")
                                                     if m in u.index) + ").")
     return f
-
-
-def _lm_page(run, findings, ex, edits, unlearn) -> str:
-    esc = html.escape
-    cfg = json.dumps(run.config, indent=1)
-    sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
-                ("Causal tracing: MLP outputs", "trace_mlp.png", "Windows of 2 layers."),
-                ("Causal tracing: attention outputs", "trace_attn.png", "Windows of 2 layers."),
-                ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
-                ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
-                ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
-    body = "\n".join(f"<h2>{esc(t)}</h2><p>{esc(c)}</p><img src='{esc(img)}' alt='{esc(t)}'>" for t, img, c in sections)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>memloc language-model investigation</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
-img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0 1.5em}} table{{border-collapse:collapse}}
-td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
-<body><h1>Where does a tiny transformer keep facts and secrets?</h1>
-<h2>Findings</h2><ul>{''.join(f'<li>{esc(x)}</li>' for x in findings)}</ul>
-<h2>Canaries</h2>{ex.round(3).to_html(index=False, border=0)}
-<h2>Edit benchmark (percent)</h2>{edits.to_html(index=False, border=0)}
-<h2>Unlearning the canaries</h2>{unlearn.drop(columns=[c for c in ("seconds",) if c in unlearn]).round(3).to_html(index=False, border=0)}
-{body}
-<h2>Settings</h2><pre>{esc(cfg)}</pre>
-<p>Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: <code>run/</code>.</p>
-</body></html>
-"""

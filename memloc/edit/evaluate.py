@@ -117,11 +117,10 @@ def request_scores(model, tokenizer, world, pairs, n_neighbours: int = 5, seed: 
     lp = next_token_logprobs(model, tokenizer, [p for _, p, _ in all_rows])
     kinds = np.array([k for k, _, _ in all_rows])
     owner = np.array(owner)
-    own = lp[torch.arange(len(all_rows)), torch.tensor([tokenizer.id(o) for _, _, o in all_rows])]
-    new = lp[torch.arange(len(all_rows)), torch.tensor([tokenizer.id(pairs[j][1].target_new) for j in owner])]
-    top = lp.argmax(1)
     own_id = torch.tensor([tokenizer.id(o) for _, _, o in all_rows])
     new_id = torch.tensor([tokenizer.id(pairs[j][1].target_new) for j in owner])
+    rows = torch.arange(len(all_rows))
+    own, new, top = lp[rows, own_id], lp[rows, new_id], lp.argmax(1)
     out = []
     for j, (f, r) in enumerate(pairs):
         m = owner == j

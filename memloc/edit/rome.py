@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..hooks import hooks, replace_parameters, require_eval
+from ..hooks import capture, hooks, replace_parameters, require_eval
 
 __all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "key_second_moment", "subject_last_index",
            "mlp_out_weight", "OUT_MODULE", "RESID"]
@@ -187,17 +187,6 @@ def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, to
     raise ValueError(f"Unexpected MLP output weight shape {tuple(w.shape)} (d_model {d_model}, d_mlp {d_mlp}).")
 
 
-def _io_at(model, tokens: torch.Tensor, rows_pos: tuple[torch.Tensor, torch.Tensor],
-           layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input (key) and output (value) of the MLP output module at the given (row, position) pairs."""
-    got = {}
-    with torch.no_grad(), hooks(model, {KEY.format(layer): lambda x: got.__setitem__("k", x.detach()),
-                                        VALUE.format(layer): lambda y: got.__setitem__("v", y.detach())}):
-        model(tokens)
-    r, p = rows_pos
-    return got["k"][r, p].double(), got["v"][r, p].double()
-
-
 def key_second_moment(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 128) -> torch.Tensor:
     """Uncentred second moment ``C = E[k k^T]`` (float64 ``[d_mlp, d_mlp]``) of the MLP keys of ``layer`` over every
     non-padding token of ``texts`` (accumulated batch by batch, so memory is one batch plus ``C``).
@@ -293,31 +282,29 @@ def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig)
     return h + delta.detach().double(), info
 
 
+def _at_subject(model, tokenizer, prompts: Sequence[tuple[str, str]], sites: Sequence[str]) -> list[torch.Tensor]:
+    """Each site's output ``[n, d]`` (float64) at the subject's last token of each ``(prompt with {}, subject)``,
+    from one batched pass (:func:`memloc.hooks.capture`)."""
+    toks = _pad([_encode(tokenizer, p.format(subj)) for p, subj in prompts], _pad_id(tokenizer))
+    pos = torch.tensor([subject_last_index(tokenizer, p, subj) for p, subj in prompts])
+    got = capture(model, toks, list(sites), batch_size=len(toks))
+    rows = torch.arange(len(prompts))
+    return [got[site][rows, pos].double() for site in sites]
+
+
 def _mean_keys(model, tokenizer, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
     """``[n, d_mlp]``: each request's key at the subject's last token, averaged over the context templates."""
-    seqs, pos = [], []
-    for r in reqs:
-        for c in cfg.context_templates:
-            p = c.format(r.prompt)
-            seqs.append(_encode(tokenizer, p.format(r.subject)))
-            pos.append(subject_last_index(tokenizer, p, r.subject))
-    toks = _pad(seqs, _pad_id(tokenizer))
-    k, _ = _io_at(model, toks, (torch.arange(len(seqs)), torch.tensor(pos)), layer)
+    prompts = [(c.format(r.prompt), r.subject) for r in reqs for c in cfg.context_templates]
+    k, = _at_subject(model, tokenizer, prompts, [KEY.format(layer)])
     return k.view(len(reqs), len(cfg.context_templates), -1).mean(1)
 
 
 def _bare(model, tokenizer, reqs: Sequence[Request], layer: int, site: str | None = None):
     """Key and value (or, with ``site``, that site's output) at the subject's last token of the bare prompts."""
-    seqs = [_encode(tokenizer, r.text) for r in reqs]
-    pos = torch.tensor([subject_last_index(tokenizer, r.prompt, r.subject) for r in reqs])
-    toks = _pad(seqs, _pad_id(tokenizer))
-    rows = torch.arange(len(reqs))
+    prompts = [(r.prompt, r.subject) for r in reqs]
     if site is None:
-        return _io_at(model, toks, (rows, pos), layer)
-    got = {}
-    with torch.no_grad(), hooks(model, {site: lambda y: got.__setitem__("h", y.detach())}):
-        model(toks)
-    return got["h"][rows, pos].double()
+        return tuple(_at_subject(model, tokenizer, prompts, [KEY.format(layer), VALUE.format(layer)]))
+    return _at_subject(model, tokenizer, prompts, [site])[0]
 
 
 def _as_delta(upd: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
