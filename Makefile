@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/scores.py
 	$(PY) benchmarks/edit.py
 	$(PY) benchmarks/unlearn.py
+	$(PY) benchmarks/device.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

@@ -3,11 +3,13 @@
 1. Ensemble: 64 small MLPs (digits, 70% subsets, hidden 256, Adam 1e-2, batch 32, 40 epochs -- the Feldman-Zhang
    setting of `memloc scores`) trained together with torch.func.vmap, against the same 64 models trained one
    after another (method="loop"); models per minute, and where the batched time goes (cProfile, by phase).
-   Also a 40-128-10 MLP on MNIST-1D (batch 128, 30 epochs) for a smaller model.
+   Also a 40-128-10 MLP on MNIST-1D (batch 128, 30 epochs) for a smaller model, and a BatchNorm CNN (digits as
+   8x8 images, memloc's cnn2d with 16-32 channels, each model with its own running statistics; batch 64, 10
+   epochs) against the same models one at a time.
 2. Curvature (n=10, h=1e-3) of all 4,000 MNIST-1D training examples on the default testbed's final model,
    batched over examples and directions against one example at a time (extrapolated from 200 examples).
 
-    python benchmarks/scores.py [--threads 2]
+    python benchmarks/scores.py [--threads 2] [--cases mlp,bn,curvature]
 """
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/scores.json")
+    ap.add_argument("--cases", default="mlp,bn,curvature", help="which cases to run (results of the others are kept)")
     a = ap.parse_args()
+    cases = set(a.cases.split(","))
     torch.set_num_threads(a.threads)
     from memloc.analyses.scores import curvature
     from memloc.data import inject_label_noise, load_digits, load_mnist1d
@@ -62,13 +66,29 @@ def main():
 
     digits = inject_label_noise(load_digits(), 0.1, seed=0)
     m1d = inject_label_noise(load_mnist1d(), 0.1, seed=0)
-    res = {"threads": a.threads, "ensemble": [], "curvature": None}
-    for row in [ensemble_case("digits MLP 64-256-10, batch 32, 40 epochs", digits, 64,
-                              dict(model_kwargs={"hidden": [256]}, lr=1e-2, batch_size=32, epochs=40), 8),
-                ensemble_case("MNIST-1D MLP 40-128-10, batch 128, 30 epochs", m1d, 64,
-                              dict(model_kwargs={"hidden": [128]}, lr=1e-2, batch_size=128, epochs=30), 8)]:
+    old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    res = {"threads": a.threads, "ensemble": [r for r in old.get("ensemble", []) if not (
+        ("mlp" in cases and "MLP" in r["case"]) or ("bn" in cases and "BatchNorm" in r["case"]))],
+        "curvature": old.get("curvature")}
+    todo = []
+    if "mlp" in cases:
+        todo += [lambda: ensemble_case("digits MLP 64-256-10, batch 32, 40 epochs", digits, 64,
+                                       dict(model_kwargs={"hidden": [256]}, lr=1e-2, batch_size=32, epochs=40), 8),
+                 lambda: ensemble_case("MNIST-1D MLP 40-128-10, batch 128, 30 epochs", m1d, 64,
+                                       dict(model_kwargs={"hidden": [128]}, lr=1e-2, batch_size=128, epochs=30), 8)]
+    if "bn" in cases:
+        from dataclasses import replace
+        images = replace(digits, x=digits.x.view(-1, 1, 8, 8))
+        todo += [lambda: ensemble_case("digits cnn2d with BatchNorm (16-32 channels), batch 64, 10 epochs", images, 32,
+                                       dict(model="cnn2d", model_kwargs={"channels": [16, 32]}, lr=1e-2,
+                                            batch_size=64, epochs=10), 4)]
+    for case in todo:
+        row = case()
         res["ensemble"].append(row)
         print(json.dumps(row), flush=True)
+    if "curvature" not in cases:
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        return
 
     tmp = Path(tempfile.mkdtemp())
     try:

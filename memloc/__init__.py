@@ -10,12 +10,16 @@ from .hooks import ablate, capture, replace_parameters, scale_neurons, valid_sit
 from .models import build_model, layer_names
 from .results import load_result, make_result, save_result
 from .train import Run, TrainConfig, evaluate, load_run, train
+from .record import Recorder, from_checkpoints
+from .data import from_torch
 
 __all__ = ["Dataset", "from_arrays", "inject_label_noise", "load_dataset", "ablate", "capture",
            "replace_parameters", "scale_neurons", "valid_sites", "build_model", "layer_names", "load_result",
-           "make_result", "save_result", "Run", "TrainConfig", "evaluate", "load_run", "train"]
+           "make_result", "save_result", "Run", "TrainConfig", "evaluate", "load_run", "train", "Recorder",
+           "from_checkpoints", "from_torch"]
 
-_SUBMODULES = {"locate", "analyses", "edit", "ensemble", "sweep", "report", "hooks", "models", "data", "results", "cli"}
+_SUBMODULES = {"locate", "analyses", "edit", "ensemble", "sweep", "report", "hooks", "models", "data", "results", "cli",
+               "record"}
 
 
 def __getattr__(name: str):

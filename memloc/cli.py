@@ -46,17 +46,26 @@ def _add_train_args(p: argparse.ArgumentParser, default_out: str | None) -> None
     p.add_argument("--etd-sites", default=None, help="comma-separated sites (default: the last hidden layer)")
     p.add_argument("--p-fixed", type=float, default=0.2, help="fraction of always-on units (%(default)s)")
     p.add_argument("--p-mem", type=float, default=0.1, help="keep probability of memorization units (%(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"],
+                   help="bf16: bfloat16 autocast in the training steps (default %(default)s)")
     p.add_argument("--out", default=default_out, required=default_out is None, help="run folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    """--seed, --threads, --quiet: the same on every analysis command."""
+def _add_common(p: argparse.ArgumentParser, model_factory: bool = True) -> None:
+    """--seed, --threads, --device, --quiet (and --model-factory): the same on every analysis command."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if model_factory:
+        p.add_argument("--model-factory", default=None, metavar="PACKAGE.MODULE:NAME",
+                       help="how to build the run's model when the run folder cannot say (a run of your own model "
+                            "adapted from checkpoints with a factory memloc cannot import): an importable "
+                            "zero-argument callable, e.g. mynets:ResNet")
 
 
 def _train_from_args(a: argparse.Namespace):
@@ -66,14 +75,16 @@ def _train_from_args(a: argparse.Namespace):
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    from .hooks import resolve_device
+    device = resolve_device(a.device)
     run = train(
         {"dataset": a.dataset, "dataset_kwargs": _kv(a.data_arg), "noise": a.noise, "model": a.model,
          "model_kwargs": _kv(a.model_arg), "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
          "schedule": a.schedule, "batch_size": a.batch_size, "epochs": a.epochs,
-         "stop_at_train_acc": a.stop_at or None, "seed": a.seed,
+         "stop_at_train_acc": a.stop_at or None, "seed": a.seed, "precision": a.precision,
          "example_tied_dropout": ({"sites": a.etd_sites.split(",") if a.etd_sites else None, "p_fixed": a.p_fixed,
                                    "p_mem": a.p_mem} if a.example_tied_dropout else None)},
-        a.out, overwrite=a.overwrite, progress=not a.quiet)
+        a.out, overwrite=a.overwrite, progress=not a.quiet, device=device)
     print(format_summary(run.summary, run.path))
     return run
 
@@ -91,24 +102,28 @@ def _investigate(a: argparse.Namespace) -> None:
 
         investigate_lm(a.out if a.out != "reports/default" else "reports/lm", seed=a.seed, progress=not a.quiet)
         return
+    from .hooks import resolve_device
+
     overrides = {"optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay, "schedule": a.schedule,
                  "batch_size": a.batch_size, "epochs": a.epochs, "stop_at_train_acc": a.stop_at or None,
-                 "dataset_kwargs": _kv(a.data_arg), "model_kwargs": _kv(a.model_arg)}
+                 "dataset_kwargs": _kv(a.data_arg), "model_kwargs": _kv(a.model_arg), "precision": a.precision}
     investigate(a.out, dataset=a.dataset, model=a.model, noise=a.noise, seed=a.seed, train_overrides=overrides,
-                ablate_per_group=a.ablate_per_group, progress=not a.quiet)
+                ablate_per_group=a.ablate_per_group, progress=not a.quiet, device=str(resolve_device(a.device)))
 
 
-def _finished_run(path: str, threads: int | None):
-    """Set torch's thread count (if asked) and open a finished run, or explain how to finish it."""
+def _finished_run(a: argparse.Namespace, path: str | None = None):
+    """Set torch's thread count (if asked) and open a finished run on ``--device`` with ``--model-factory``,
+    or explain how to finish it."""
     import torch
 
     from .train import Run
 
-    if threads:
-        torch.set_num_threads(threads)
-    run = Run(path)
+    if getattr(a, "threads", None):
+        torch.set_num_threads(a.threads)
+    run = Run(path or a.run, model=getattr(a, "model_factory", None), device=getattr(a, "device", "cpu"))
     if not run.finished:
         raise ValueError(f"{run.path} is not finished; rerun its `memloc train` command to complete it first.")
+    run.factory  # fails here, in one line, when the run's model cannot be built
     return run
 
 
@@ -117,7 +132,7 @@ def _locate(a: argparse.Namespace) -> None:
     from .analyses import plots
     from .results import save_result
 
-    run = _finished_run(a.run, a.threads)
+    run = _finished_run(a)
     layers = a.layers.split(",") if a.layers else None
     out = Path(a.out) if a.out else run.path / "locate"
     progress = not a.quiet
@@ -173,8 +188,8 @@ def _probe(a: argparse.Namespace) -> None:
     from .analyses import plots, probes
     from .results import save_result
 
-    run = _finished_run(a.run, a.threads)
-    other = _finished_run(a.against, None) if a.against else None
+    run = _finished_run(a)
+    other = _finished_run(a, a.against) if a.against else None
     out = Path(a.out) if a.out else run.path / "probe"
     kw = dict(max_examples=a.max_examples, seed=a.seed)
     progress = not a.quiet
@@ -233,7 +248,7 @@ def _scores(a: argparse.Namespace) -> None:
     from .ensemble import train_ensemble
     from .results import make_result, save_result
 
-    run = _finished_run(a.run, a.threads)
+    run = _finished_run(a)
     families = a.score or ["dynamics", "curvature", "ssft", "holdout"]
     if "all" in families:
         families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia"]
@@ -257,12 +272,16 @@ def _scores(a: argparse.Namespace) -> None:
         table = table.merge(ho[["example_id", "holdout_kl"]], on="example_id")
         settings["holdout"] = {k: v for k, v in ho.attrs["settings"].items() if k != "config"}
     data = run.data()
-    ens_kw = dict(model=a.ensemble_model, model_kwargs={"hidden": [256]} if a.ensemble_model == "mlp" and not
-                  a.ensemble_model_arg else _kv(a.ensemble_model_arg), epochs=a.ensemble_epochs,
-                  lr=a.ensemble_lr, batch_size=a.ensemble_batch_size, seed=a.seed, progress=progress)
+    ens_kw = dict(model=a.ensemble_model, model_kwargs=_kv(a.ensemble_model_arg) or None, epochs=a.ensemble_epochs,
+                  lr=a.ensemble_lr, batch_size=a.ensemble_batch_size, optimizer=a.ensemble_optimizer, seed=a.seed,
+                  progress=progress)
+    if a.ensemble_model_arg and not a.ensemble_model:
+        raise ValueError("--ensemble-model-arg goes with --ensemble-model NAME (a registered model); the run's own "
+                         "model takes none.")
     mi = None
+    ens = None
     if "fz" in families or "mia" in families:
-        ens = train_ensemble(data, a.models, a.ratio, **ens_kw)
+        ens = train_ensemble(run, a.models, a.ratio, **ens_kw)
         ens.save(out / "ensemble.safetensors")
         fz = scores.feldman_zhang(ens)
         table = table.merge(fz[["example_id", "fz_memorization"]], on="example_id")
@@ -277,7 +296,7 @@ def _scores(a: argparse.Namespace) -> None:
             mi = privacy.membership_inference(ens, data)
             save_result(mi, out / "membership_inference.parquet")
     if "cscore" in families:
-        ens_list = [train_ensemble(data, a.cscore_models, r, **ens_kw) for r in np.round(np.arange(0.1, 1.0, 0.1), 1)]
+        ens_list = [train_ensemble(run, a.cscore_models, r, **ens_kw) for r in np.round(np.arange(0.1, 1.0, 0.1), 1)]
         cs = scores.cscore(ens_list)
         table = table.merge(cs[["example_id", "cscore"]], on="example_id")
         settings["cscore"] = cs.attrs["settings"]
@@ -297,9 +316,13 @@ def _scores(a: argparse.Namespace) -> None:
           f"{ag[['score_b', 'pearson', 'spearman', 'cosine']].round(3).to_string(index=False)}")
     if "fz_memorization" in table:
         g = table.groupby("group").fz_memorization
+        es = ens.settings
         print(f"Feldman-Zhang memorization ({a.models} models, ratio {a.ratio}): mean noisy "
               f"{g.mean()['noisy']:.3f}, clean {g.mean()['clean']:.3f} (median {g.median()['clean']:.3f}); "
-              f"ensemble: {ens_kw['model']} {ens_kw['model_kwargs']}, {a.ensemble_epochs} epochs, lr {a.ensemble_lr}")
+              f"ensemble: {es['model']}, {es['optimizer']} lr {es['lr']}, batch {es['batch_size']}, {es['epochs']} "
+              f"epochs; the models fit {es['fit_own_subset']:.1%} of their own subsets"
+              + (f" ({es['fit_own_subset_noisy']:.1%} of the flipped examples in them)"
+                 if es.get("fit_own_subset_noisy") is not None else ""))
     if mi is not None:
         print("membership inference, TPR at 1% FPR (mean over 8 target models, the rest as shadows):\n"
               f"{mi.pivot(index='attack', columns='group', values='tpr_at_1%_fpr').round(3)}")
@@ -358,7 +381,7 @@ def _unlearn(a: argparse.Namespace) -> None:
 
     if (Path(a.run) / "world.json").exists():  # a language-model run (memloc lm train)
         return _unlearn_lm(a)
-    run = _finished_run(a.run, a.threads)
+    run = _finished_run(a)
     forget = a.forget or "noisy"
     forget = forget if forget == "noisy" else [int(i) for i in forget.split(",") if i.strip()]
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
@@ -589,11 +612,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=int, default=128, help="fz/mia: models in the ensemble (%(default)s)")
     p.add_argument("--ratio", type=float, default=0.7, help="fz/mia: subset ratio (%(default)s)")
     p.add_argument("--cscore-models", type=int, default=16, help="cscore: models per ratio 0.1..0.9 (%(default)s)")
-    p.add_argument("--ensemble-model", default="mlp")
-    p.add_argument("--ensemble-model-arg", action="append", metavar="KEY=VALUE", help="default hidden=[256]")
-    p.add_argument("--ensemble-epochs", type=int, default=40)
-    p.add_argument("--ensemble-lr", type=float, default=1e-2)
-    p.add_argument("--ensemble-batch-size", type=int, default=32)
+    p.add_argument("--ensemble-model", default=None,
+                   help="fz/cscore/mia: a registered model to train instead of the run's own (default: the run's own "
+                        "model, e.g. your class, with the run's recipe)")
+    p.add_argument("--ensemble-model-arg", action="append", metavar="KEY=VALUE",
+                   help="arguments of --ensemble-model, repeatable (e.g. hidden=[256])")
+    p.add_argument("--ensemble-epochs", type=int, default=None, help="default: as many as the run trained")
+    p.add_argument("--ensemble-lr", type=float, default=None, help="default: the run's")
+    p.add_argument("--ensemble-batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument("--ensemble-optimizer", default=None, choices=["sgd", "adam", "adamw"],
+                   help="default: the run's")
     p.add_argument("--out", default=None, help="folder for tables and figures (default RUN/scores)")
     _add_common(p)
 
@@ -603,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, default=1, help="local process pool size / local Ray CPUs")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto: where each cell trains")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("lm", help="language-model testbed: train a tiny transformer on a fact world, trace it")
@@ -614,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
     p.add_argument("--facts", type=int, default=90, help="trace / neurons: facts analysed (%(default)s)")
     p.add_argument("--steps", type=int, default=20, help="neurons: integrated-gradient steps (%(default)s)")
-    _add_common(p)
+    _add_common(p, model_factory=False)
 
     p = sub.add_parser("unlearn", help="remove the forget set with each unlearning method; compare with an oracle "
                                        "retrained without it")
@@ -644,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=0, help="ROME layer (%(default)s)")
     p.add_argument("--memit-layers", default="0", help="benchmark: MEMIT layers, comma-separated (%(default)s)")
     p.add_argument("--out", default=None, help="benchmark folder (default RUN/edit)")
-    _add_common(p)
+    _add_common(p, model_factory=False)
 
     p = sub.add_parser("summary", help="print the summary of a run folder")
     p.add_argument("run")
@@ -657,8 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = commands[a.command](a)
         return rc if isinstance(rc, int) else 0
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"memloc: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError) as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"memloc: error: {msg}", file=sys.stderr)
         return 2
 
 
@@ -667,7 +697,11 @@ def _sweep(a: argparse.Namespace) -> None:
 
     spec = load_spec(a.spec)
     out = a.out or f"sweeps/{spec['name']}"
-    table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet)
+    from .hooks import resolve_device
+
+    if a.executor == "local":
+        resolve_device(a.device)  # fail fast here; Ray workers resolve it on their own machines
+    table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet, device=a.device)
     print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
           f"{out}/results.parquet, {out}/summary.png")
 

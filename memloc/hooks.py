@@ -23,7 +23,47 @@ import torch
 from torch import nn
 
 __all__ = ["SiteError", "valid_sites", "resolve_site", "resolve_sites", "neuron_dim", "require_eval", "hooks",
-           "scale_neurons", "ablate", "replace_parameters", "capture", "batched_forward"]
+           "scale_neurons", "ablate", "replace_parameters", "capture", "batched_forward", "model_device",
+           "resolve_device"]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+
+    Asking for CUDA on a machine without it is an error that says so (never a silent fall-back to the CPU).
+    """
+    if device is None:
+        device = "cpu"
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and (device in DEVICES or device.startswith("cuda:")):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+    else:
+        raise ValueError(f"The 'device' parameter must be one of {list(DEVICES)} or 'cuda:N'. Got {device!r} instead.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} was asked for, but this machine has no CUDA device "
+                             "(torch.cuda.is_available() is False); use 'cpu' or 'auto'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} does not exist; this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s).")
+    elif dev.type != "cpu":
+        raise ValueError(f"The 'device' parameter must be one of {list(DEVICES)} or 'cuda:N'. Got {device!r} instead.")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 class SiteError(KeyError):
@@ -223,7 +263,7 @@ def batched_forward(model: nn.Module, data, batch_size: int = 512, progress: boo
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"The 'batch_size' parameter must be an int in [1, inf). Got {batch_size!r} instead.")
     x = _inputs_of(data)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     starts = range(0, len(x), batch_size)
     with torch.no_grad():
         for s in tqdm(starts, desc=desc, disable=not progress, leave=False):

@@ -39,11 +39,13 @@ def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[s
 
 def investigate(out: str | Path = "reports/default", *, dataset: str | None = None, model: str | None = None,
                 noise: float | None = None, seed: int | None = None, train_overrides: dict | None = None,
-                ablate_per_group: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                ablate_per_group: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+                device: str = "cpu") -> Path:
     """Run the whole investigation into ``out`` and return the path of its ``index.html``.
 
     Args default to :data:`DEFAULTS` (MNIST-1D, cnn1d, 10% flipped labels, seed 0). ``train_overrides`` are
-    extra :class:`~memloc.train.TrainConfig` fields for both runs.
+    extra :class:`~memloc.train.TrainConfig` fields for both runs; ``device`` is where both train and every
+    analysis runs.
     """
     from . import locate
     from .analyses import plots, probes, scores
@@ -58,9 +60,9 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
             **(train_overrides or {})}
     log(f"investigation: {base['model']} on {base['dataset']}, {base['noise']:.0%} flipped labels, seed "
         f"{base['seed']} -> {out}/")
-    run = train(base, out / "run", progress=progress)
+    run = train(base, out / "run", progress=progress, device=device)
     log(format_summary(run.summary, run.path))
-    clean = train({**base, "noise": 0.0}, out / "clean_run", progress=progress)
+    clean = train({**base, "noise": 0.0}, out / "clean_run", progress=progress, device=device)
 
     ck = [e for e in run.epochs if e > 0]
     pick = sorted({ck[int(i)] for i in np.linspace(0, len(ck) - 1, min(o["curvature_checkpoints"], len(ck)))})
@@ -153,7 +155,8 @@ def _findings(run, clean, auc, rw, rt, ab, same, dim, knn) -> list[str]:
              ", ".join(f"{k} {a[k]:.3f}" for k in a.index[:4]) + f"; final-epoch loss alone {a.get('final_loss', float('nan')):.3f}.")
     e = before_memorization_epoch(run, sorted(set(rw.epoch[rw.layer != "none"])))
     t = rw[rw.epoch == e].pivot_table(index="layer", columns="group", values="accuracy")
-    head = run.model().layer_names[-1]
+    from .models import layer_names
+    head = layer_names(run.model(), head=True)[-1]
     if head in t.index:
         f.append(f"Rewinding only the last layer ({head}) to epoch {e} (before memorization) leaves "
                  f"{t.loc[head, 'noisy']:.0%} of the flipped labels predicted (clean accuracy {t.loc[head, 'clean']:.0%}): "

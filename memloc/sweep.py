@@ -118,7 +118,7 @@ def _method_result(method: str, run, kwargs: dict) -> pd.DataFrame:
     raise ValueError(f"Unknown method {method!r}; valid methods are {list(METHODS)}.")
 
 
-def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1) -> list[dict]:
+def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1, device: str = "cpu") -> list[dict]:
     """Train the shared run (resumable) and compute each of its cells not yet on disk. Returns cell records."""
     import torch
 
@@ -139,7 +139,7 @@ def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1) -> lis
             continue
         t0 = time.perf_counter()
         if run is None:
-            run = train(train_cfg, out / "runs" / _run_id(cell), progress=False)
+            run = train(train_cfg, out / "runs" / _run_id(cell), progress=False, device=device)
         df = _method_result(cell["method"], run, dict(spec["methods"].get(cell["method"], {})))
         for k in reversed(GRID_KEYS):
             df.insert(0, k, cell[k])
@@ -152,12 +152,13 @@ def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1) -> lis
 
 def run_sweep(spec: str | Path | dict, out: str | Path, executor: str = "local", workers: int = 1,
               address: str | None = None, progress: bool = True,
-              on_cell_done: Callable[[dict], Any] | None = None) -> pd.DataFrame:
+              on_cell_done: Callable[[dict], Any] | None = None, device: str = "cpu") -> pd.DataFrame:
     """Run every cell of ``spec`` not yet in ``out`` and return the collected table (see :func:`collect`).
 
     ``executor="local"`` runs the run-groups one after another (``workers=1``) or in a process pool;
     ``executor="ray"`` submits one Ray task per run-group (``address`` as for ``ray.init``). ``on_cell_done``
-    is called in the coordinating process after each group with each finished cell's record.
+    is called in the coordinating process after each group with each finished cell's record. ``device``
+    (``cpu``, ``cuda``, ``auto``) is where each worker trains and analyses; it is resolved in the worker.
     """
     from tqdm.auto import tqdm
 
@@ -182,13 +183,14 @@ def run_sweep(spec: str | Path | dict, out: str | Path, executor: str = "local",
     if executor == "local":
         if workers <= 1:
             for g in groups.values():
-                done(_run_group(spec, g, str(out)))
+                done(_run_group(spec, g, str(out), device=device))
         else:
             from concurrent.futures import ProcessPoolExecutor, as_completed
             import multiprocessing as mp
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                for f in as_completed([pool.submit(_run_group, spec, g, str(out)) for g in groups.values()]):
+                for f in as_completed([pool.submit(_run_group, spec, g, str(out), 1, device)
+                                       for g in groups.values()]):
                     done(f.result())
     elif executor == "ray":
         import ray
@@ -199,8 +201,8 @@ def run_sweep(spec: str | Path | dict, out: str | Path, executor: str = "local",
                      **({} if address else {"num_cpus": max(1, workers)}))
             started = True
         try:
-            task = ray.remote(num_cpus=1)(_run_group)
-            pending = [task.remote(spec, g, str(out.resolve())) for g in groups.values()]
+            task = ray.remote(num_cpus=1, num_gpus=1 if device.startswith("cuda") else 0)(_run_group)
+            pending = [task.remote(spec, g, str(out.resolve()), 1, device) for g in groups.values()]
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 done(ray.get(ready[0]))

@@ -22,6 +22,7 @@ epoch, not of the process' history).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,14 +40,14 @@ from torch import nn
 
 from .data import Dataset, inject_label_noise, load_dataset
 from .hooks import batched_forward, require_eval
-from .models import build_model
 from .results import atomic_path, load_result, make_result, read_json, save_result, write_json
 
 __all__ = ["TrainConfig", "train", "evaluate", "group_accuracy", "Run", "load_run", "save_checkpoint",
-           "load_checkpoint"]
+           "load_checkpoint", "PRECISIONS"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "triangle", "step")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
             (noisy ones against their flipped labels) reaches this; ``None`` trains exactly ``epochs``.
         eval_each_epoch: full evaluation pass after every epoch (train + test examples).
         seed: seeds model initialisation and data order; noise_seed (default: seed) seeds the label flips.
+        precision: ``"fp32"`` or ``"bf16"`` (forward passes of training steps under ``torch.autocast`` in
+            bfloat16; weights, optimiser and the evaluation passes stay float32).
         example_tied_dropout: ``None`` or ``{"sites": [...], "p_fixed": 0.2, "p_mem": 0.1}``
             (:class:`~memloc.models.dropout.ExampleTiedDropout`; ``sites`` default to the last hidden layer).
             Training and the eval pass use each training example's own mask (test examples: the expectation),
@@ -93,6 +96,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     seed: int = 0
     example_tied_dropout: dict | None = None
+    precision: str = "fp32"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -114,11 +118,14 @@ class TrainConfig:
                 raise ValueError(f"The {name!r} parameter must be {valid}. Got {getattr(self, name)!r} instead.")
 
         need(self.dataset in DATASETS or self.dataset == "custom", "dataset", f"one of {sorted(DATASETS)}")
-        need(self.model in MODELS, "model", f"one of {sorted(MODELS)}")
+        need(self.model in MODELS or self.model == "custom", "model",
+             f"one of {sorted(MODELS)} (or 'custom' with train(..., model=your_factory))")
         need(isinstance(self.noise, (int, float)) and 0 <= self.noise < 1, "noise", "a number in [0, 1)")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "a float in (0, inf)")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",
+             "a finite float in (0, inf)")
+        need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an int in [1, inf)")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an int in [1, inf)")
         need(isinstance(self.seed, int), "seed", "an int")
@@ -226,24 +233,91 @@ def _ckpt_name(epoch: int) -> str:
 class Run:
     """A training run folder. ``Run(path)`` reads it; nothing is loaded until asked for.
 
-    Attributes/methods: ``config`` (:class:`TrainConfig`), ``summary`` (dict, ``None`` while unfinished),
-    ``examples`` and ``dynamics`` (DataFrames), ``epochs`` (saved checkpoint epochs), ``checkpoint(epoch)``
-    (state_dict), ``model(epoch=None)`` (the model in eval mode, last epoch by default), ``data()`` (the exact
-    Dataset it was trained on, rebuilt from the config or read from ``data.safetensors``).
+    A run is anything with a model factory, checkpoints by epoch and a dataset with example ids and groups:
+    :func:`train` writes one, :class:`~memloc.record.Recorder` records one from your own training loop, and
+    :meth:`Run.from_checkpoints` adapts your saved state dicts. Every run-level method takes it.
+
+    Args:
+        path: the run folder.
+        model: how to build the run's model when the folder cannot say: a zero-argument factory (your model
+            class, a function), an importable ``"package.module:name"`` string, or an ``nn.Module`` instance
+            (see :mod:`memloc.models.factory`). Runs of memloc's registered models, and runs whose factory was
+            recorded as importable, need none.
+        device: where :meth:`model` puts models (``"cpu"``, ``"cuda"``, ``"auto"``); every run-level method
+            works on that device.
+
+    Attributes/methods: ``config`` (:class:`TrainConfig`: the recipe that trained it), ``summary`` (dict,
+    ``None`` while unfinished), ``examples`` and ``dynamics`` (DataFrames), ``epochs`` (saved checkpoint epochs),
+    ``checkpoint(epoch)`` (state_dict), ``model(epoch=None)`` (the model in eval mode, last epoch by default),
+    ``new_model(seed)`` (a freshly initialised model of the run's own architecture, for everything that
+    retrains), ``factory``, ``data()`` (the exact Dataset it was trained on).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, model: Any = None, device: str | torch.device = "cpu"):
+        from .hooks import resolve_device
+        from .models.factory import as_factory
+
         self.path = Path(path)
         if not (self.path / "config.json").exists():
-            raise FileNotFoundError(f"{self.path} is not a memloc run (no config.json). "
-                                    "Create one with memloc.train(...) or `memloc train --out ...`.")
+            raise FileNotFoundError(f"{self.path} is not a memloc run (no config.json). Create one with "
+                                    "memloc.train(...), memloc.Recorder(...), memloc.Run.from_checkpoints(...) or "
+                                    "`memloc train --out ...`.")
         raw = read_json(self.path / "config.json")
         self.config = TrainConfig.from_dict(raw["train"])
         self.info = raw
+        self.device = resolve_device(device)
+        self._factory = None if model is None else as_factory(model, raw.get("input_shape"), raw.get("num_classes"))
 
     def __repr__(self) -> str:
-        state = "finished" if self.finished else f"unfinished, {len(self.epochs) - 1} epochs"
-        return f"Run({str(self.path)!r}, {self.config.model} on {self.config.dataset}, noise={self.config.noise}, {state})"
+        state = "finished" if self.finished else f"unfinished, {max(len(self.epochs) - 1, 0)} epochs"
+        return (f"Run({str(self.path)!r}, {self.model_name} on {self.config.dataset}, noise={self.config.noise}, "
+                f"{state})")
+
+    @property
+    def model_name(self) -> str:
+        return self.info.get("model_class") or self.config.model
+
+    @property
+    def recipe_known(self) -> bool:
+        """Whether the run recorded how it was trained (``False`` for adapted checkpoints given no ``config``:
+        methods that retrain then use memloc's default :class:`TrainConfig` and say so)."""
+        return self.info.get("recipe", "given") == "given"
+
+    @property
+    def factory(self):
+        """The run's :class:`~memloc.models.factory.ModelFactory` (see ``model=`` of the constructor)."""
+        from .models import MODELS
+        from .models.factory import as_factory, factory_from_spec
+
+        if self._factory is None:
+            spec = self.info.get("model_factory")
+            if self.config.model in MODELS:
+                self._factory = as_factory(self.config.model, self.info["input_shape"], self.info["num_classes"],
+                                           **self.config.model_kwargs)
+            elif spec:
+                try:
+                    self._factory = factory_from_spec(spec)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{self.path} records its model factory as {spec.get('name')!r}, which cannot be "
+                                     f"used here ({e}). Open the run with memloc.Run(path, model=...) (CLI: "
+                                     "--model-factory package.module:name).") from None
+            else:
+                raise ValueError(
+                    f"{self.path} holds a user model ({self.model_name}) that memloc cannot rebuild from the folder. "
+                    f"Open the run with memloc.Run({str(self.path)!r}, model=YourModel) (a zero-argument factory, "
+                    "e.g. the model class, or a model instance); on the command line pass --model-factory "
+                    "package.module:name.")
+        return self._factory
+
+    def warn_default_recipe(self, what: str) -> None:
+        """Warn (once per call site) that ``what`` retrains with memloc's default recipe."""
+        if not self.recipe_known:
+            import warnings
+            c = self.config
+            warnings.warn(f"{self.path} did not record how it was trained, so {what} uses memloc's default recipe "
+                          f"({c.optimizer} lr={c.lr}, batch {c.batch_size}, {c.schedule} schedule, at most {c.epochs} "
+                          "epochs). Pass config={...} (TrainConfig fields) to Run.from_checkpoints or Recorder to use "
+                          "your own.", stacklevel=3)
 
     @property
     def finished(self) -> bool:
@@ -270,6 +344,8 @@ class Run:
 
     def checkpoint(self, epoch: int | None = None) -> dict[str, torch.Tensor]:
         epochs = self.epochs
+        if not epochs:
+            raise ValueError(f"{self.path} has no checkpoints.")
         epoch = epochs[-1] if epoch is None else epoch
         if epoch not in epochs:
             raise ValueError(f"No checkpoint for epoch {epoch} in {self.path}; saved epochs are {epochs}.")
@@ -282,18 +358,33 @@ class Run:
         """The run's example-tied dropout (apply it with ``run.etd().apply(model, mode)``), or ``None``."""
         if self.config.example_tied_dropout is None:
             return None
-        return make_etd(self.config, self.model(0), self.data())
+        return make_etd(self.config, self.model(), self.data())
 
-    def model(self, epoch: int | None = None) -> nn.Module:
-        cfg = self.config
-        shape, k = self.info["input_shape"], self.info["num_classes"]
-        model = build_model(cfg.model, shape, k, **cfg.model_kwargs)
-        model.load_state_dict(self.checkpoint(epoch))
-        return model.eval()
+    def new_model(self, seed: int | None = None, device: str | torch.device | None = None) -> nn.Module:
+        """A new model of the run's own architecture, initialised from ``seed`` (the run's seed by default), on
+        the run's device, in training mode: what every method that retrains builds."""
+        model = self.factory.new(self.config.seed if seed is None else seed)
+        return model.to(self.device if device is None else device)
+
+    def model(self, epoch: int | None = None, device: str | torch.device | None = None) -> nn.Module:
+        """The model at ``epoch`` (default: the last checkpoint), on the run's device, in eval mode."""
+        from .models.factory import load_state
+
+        epoch = self.epochs[-1] if epoch is None and self.epochs else epoch
+        state = self.checkpoint(epoch)
+        model = load_state(self.factory.architecture(), state, what=f"The checkpoint of epoch {epoch} in {self.path}")
+        return model.to(self.device if device is None else device).eval()
+
+    @classmethod
+    def from_checkpoints(cls, model: Any, checkpoints: Any, data: Dataset, out: str | Path, **kwargs: Any) -> "Run":
+        """Adapt your own saved checkpoints into a run folder (see :func:`memloc.record.from_checkpoints`)."""
+        from .record import from_checkpoints
+
+        return from_checkpoints(model, checkpoints, data, out, **kwargs)
 
 
-def load_run(path: str | Path) -> Run:
-    return Run(path)
+def load_run(path: str | Path, model: Any = None, device: str | torch.device = "cpu") -> Run:
+    return Run(path, model=model, device=device)
 
 
 def _build_data(cfg: TrainConfig) -> Dataset:
@@ -353,7 +444,68 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _config_dict(config: TrainConfig | dict | None, overrides: dict) -> dict[str, Any]:
+    if config is None:
+        cfg_dict: dict[str, Any] = {}
+    elif isinstance(config, TrainConfig):
+        cfg_dict = config.to_dict()
+    elif isinstance(config, dict):
+        cfg_dict = dict(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig, a dict or None; got {type(config).__name__}.")
+    cfg_dict.update(overrides)
+    return cfg_dict
+
+
+def _run_info(cfg: TrainConfig, data: Dataset, factory, model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """What ``config.json`` holds: the recipe, the data's shape and classes, the model's class and factory."""
+    from .models.factory import describe
+
+    return {"train": cfg.to_dict(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "data_name": data.name, "data_meta": data.meta, "model_class": describe(model),
+            "model_factory": factory.spec, "memloc_version": _version(), "torch_version": torch.__version__, **extra}
+
+
+def _claim_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write into an existing non-empty folder unless ``overwrite`` (then it is replaced)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            what = "holds a memloc run" if (out / "config.json").exists() else "exists and is not empty"
+            raise FileExistsError(f"{out} {what}; refusing to write into it. Choose another folder, or pass "
+                                  "overwrite=True (--overwrite) to replace it.")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+
+
+def _write_run_start(out: Path, info: dict, data: Dataset, custom_data: bool) -> None:
+    """The files that make ``out`` a run folder; ``config.json`` last (its presence marks a run)."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "dynamics").mkdir(exist_ok=True)
+    if custom_data:
+        from safetensors.torch import save_file
+        with atomic_path(out / "data.safetensors") as tmp:
+            save_file({"x": data.x.contiguous().cpu(), "y": data.y.cpu(), "original_label": data.original_label.cpu(),
+                       "example_id": data.example_id.cpu()}, str(tmp))
+    save_result(make_result(data.examples(), dataset=data.name, **data.meta.get("noise", {})),
+                out / "examples.parquet")
+    write_json(info, out / "config.json")
+
+
+def _eval_rows(model: nn.Module, data: Dataset, examples: pd.DataFrame, epoch: int, batch_size: int,
+               etd=None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The ``source="eval"`` dynamics rows of one epoch and the group accuracies (model left in eval mode)."""
+    model.eval()
+    df = evaluate(model, data, batch_size, etd=etd)
+    acc = group_accuracy(df, examples)
+    df.insert(1, "epoch", epoch)
+    df.insert(2, "source", "eval")
+    return df, acc
+
+
 def train(config: TrainConfig | dict | None = None, out: str | Path | None = None, *, data: Dataset | None = None,
+          model: Any = None, device: str | torch.device = "cpu", init: dict[str, torch.Tensor] | None = None,
           resume: bool = True, overwrite: bool = False, progress: bool = True,
           on_epoch_end: Callable[[int, dict], Any] | None = None, **overrides: Any) -> Run:
     """Train a model on a (noisy-label) dataset, keeping a checkpoint per epoch and per-example dynamics.
@@ -365,29 +517,36 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         out: the run folder (required).
         data: train on this Dataset instead of the one the config names; it is saved in the run
             (``data.safetensors``). Label noise from ``config.noise`` is injected unless it has some already.
+        model: train *your* model instead of the registered ``config.model``: a zero-argument factory (e.g. your
+            model class), an importable ``"package.module:name"`` or an ``nn.Module`` instance
+            (:mod:`memloc.models.factory`). It is initialised with ``config.seed``; ``config.model`` becomes
+            ``"custom"`` and the run records the class (and the factory, when it can be imported back).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"``; ``config.precision="bf16"`` adds
+            bfloat16 autocast to the training steps. The data is moved to the device once.
+        init: start from this state dict instead of the seeded initialisation (the unlearning oracle starts
+            from the original run's epoch-0 weights).
         resume: if ``out`` holds an unfinished run with the same config, continue from its last completed
             epoch (a finished one is returned as is). ``overwrite=True`` deletes an existing run instead.
         progress: show a progress bar (one tick per epoch).
         on_epoch_end: called as ``fn(epoch, metrics)`` after each epoch is safely on disk.
         **overrides: TrainConfig fields overriding ``config`` (``train(out="runs/a", epochs=50)``).
-    Returns the :class:`Run`.
+    Returns the :class:`Run` (holding the model factory, on ``device``).
     """
     from tqdm.auto import tqdm
 
+    from .hooks import resolve_device
+    from .models.factory import as_factory, load_state
+
     if out is None:
         raise ValueError("train() needs out=: the folder the run is written to.")
-    if config is None:
-        cfg_dict: dict[str, Any] = {}
-    elif isinstance(config, TrainConfig):
-        cfg_dict = config.to_dict()
-    elif isinstance(config, dict):
-        cfg_dict = dict(config)
-    else:
-        raise TypeError(f"config must be a TrainConfig, a dict or None; got {type(config).__name__}.")
-    cfg_dict.update(overrides)
+    cfg_dict = _config_dict(config, overrides)
     if data is not None:
         cfg_dict["dataset"] = "custom"
+    if model is not None:
+        cfg_dict["model"] = "custom"
+        cfg_dict.setdefault("model_kwargs", {})
     cfg = TrainConfig.from_dict(cfg_dict).validate()
+    dev = resolve_device(device)
     out = Path(out)
 
     if data is None:
@@ -396,80 +555,73 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         data = inject_label_noise(data, cfg.noise, seed=cfg.seed if cfg.noise_seed is None else cfg.noise_seed)
 
     # built before anything is written, so a model that does not fit the data leaves no folder behind
-    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed, **cfg.model_kwargs)
-    etd = make_etd(cfg, model, data)
-    info = {"train": cfg.to_dict(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "data_name": data.name, "data_meta": data.meta, "memloc_version": _version(),
-            "torch_version": torch.__version__}
-    if (out / "config.json").exists():
-        if overwrite:
-            shutil.rmtree(out)
-        else:
-            old = read_json(out / "config.json")
-            if old.get("train") != info["train"]:
-                diff = {k: (old.get("train", {}).get(k), v) for k, v in info["train"].items()
-                        if old.get("train", {}).get(k) != v}
-                raise FileExistsError(f"{out} holds a run with a different config {diff} (old, new). Choose "
-                                      "another folder, or pass overwrite=True (--overwrite) to replace it.")
-            if not resume:
-                raise FileExistsError(f"{out} already holds a run; pass resume=True or overwrite=True.")
-            if (out / "summary.json").exists():
-                return Run(out)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not a memloc run; refusing to write into it.")
-
+    factory = as_factory(cfg.model if model is None else model, data.input_shape, data.num_classes,
+                         **(cfg.model_kwargs if model is None else {}))
+    net = factory.new(cfg.seed)
+    if init is not None:
+        load_state(net, init, what="The initial state dict (init=)")
+    _check_forward(net, data)
+    net = net.to(dev)
+    etd = make_etd(cfg, net, data)
+    info = _run_info(cfg, data, factory, net)
+    if (out / "config.json").exists() and not overwrite:
+        old = read_json(out / "config.json")
+        if old.get("train") != info["train"]:
+            diff = {k: (old.get("train", {}).get(k), v) for k, v in info["train"].items()
+                    if old.get("train", {}).get(k) != v}
+            raise FileExistsError(f"{out} holds a run with a different config {diff} (old, new). Choose "
+                                  "another folder, or pass overwrite=True (--overwrite) to replace it.")
+        if old.get("model_class", info["model_class"]) != info["model_class"]:
+            raise FileExistsError(f"{out} holds a run of {old.get('model_class')}, not {info['model_class']}. Choose "
+                                  "another folder, or pass overwrite=True (--overwrite) to replace it.")
+        if not resume:
+            raise FileExistsError(f"{out} already holds a run; pass resume=True or overwrite=True.")
+        if (out / "summary.json").exists():
+            return Run(out, model=factory, device=dev)
+    else:
+        _claim_folder(out, overwrite)
+        _write_run_start(out, info, data, cfg.dataset == "custom")
     ckdir, dyndir = out / "checkpoints", out / "dynamics"
-    ckdir.mkdir(parents=True, exist_ok=True)
     dyndir.mkdir(exist_ok=True)
-    if not (out / "config.json").exists():
-        if cfg.dataset == "custom":
-            from safetensors.torch import save_file
-            with atomic_path(out / "data.safetensors") as tmp:
-                save_file({"x": data.x.contiguous(), "y": data.y, "original_label": data.original_label,
-                           "example_id": data.example_id}, str(tmp))
-        save_result(make_result(data.examples(), dataset=data.name, **data.meta.get("noise", {})),
-                    out / "examples.parquet")
-        write_json(info, out / "config.json")  # last: its presence marks a run folder
     examples = data.examples()
 
-    opt = _make_optimizer(cfg, model)
+    opt = _make_optimizer(cfg, net)
     train_data = data.train
     n_train = len(train_data)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    x_dev, y_dev = train_data.x.to(dev), train_data.y.to(dev)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
 
     def eval_pass(epoch: int) -> tuple[pd.DataFrame, dict[str, float]]:
-        model.eval()
-        df = evaluate(model, data, cfg.eval_batch_size, etd=etd)
-        model.train()
-        acc = group_accuracy(df, examples)
-        df.insert(1, "epoch", epoch)
-        df.insert(2, "source", "eval")
+        df, acc = _eval_rows(net, data, examples, epoch, cfg.eval_batch_size, etd)
+        net.train()
         return df, acc
 
     state_path = out / "state.pt"
     history: list[dict] = []
     if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
+        st = torch.load(state_path, weights_only=True, map_location="cpu")
         start, seconds, history, done = st["epoch"] + 1, st["seconds"], st["history"], st["done"]
-        model.load_state_dict(load_checkpoint(ckdir / _ckpt_name(st["epoch"])))
+        load_state(net, load_checkpoint(ckdir / _ckpt_name(st["epoch"])), what=f"The checkpoint of {out}")
         opt.load_state_dict(st["optimizer"])
         for p in list(ckdir.glob("epoch_*.safetensors")) + list(dyndir.glob("epoch_*.parquet")):
             if int(p.name.split("_")[1].split(".")[0]) > st["epoch"]:
                 p.unlink()  # a partly written later epoch
     else:
         start, seconds, done = 1, 0.0, False
-        save_checkpoint(model, ckdir / _ckpt_name(0), epoch=0)
+        save_checkpoint(net, ckdir / _ckpt_name(0), epoch=0)
         df0, acc0 = eval_pass(0)
         save_result(make_result(df0, epoch=0), dyndir / "epoch_000.parquet")
         history.append({"epoch": 0, **acc0})
-        torch.save({"epoch": 0, "seconds": 0.0, "history": history, "done": False, "optimizer": opt.state_dict()},
-                   state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"epoch": 0, "seconds": 0.0, "history": history, "done": False,
+                        "optimizer": opt.state_dict()}, tmp)
 
-    bar = tqdm(total=cfg.epochs, initial=start - 1, desc=f"train {cfg.model}/{data.name}", disable=not progress,
-               unit="ep")
-    epoch = start - 1
-    model.train()
+    bar = tqdm(total=cfg.epochs, initial=start - 1, desc=f"train {cfg.model if model is None else factory.name}"
+               f"/{data.name}", disable=not progress, unit="ep")
+    net.train()
     for epoch in range(start, cfg.epochs + 1):
         if done:
             break
@@ -478,21 +630,26 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         records: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = train_data.x[idx], train_data.y[idx]
+            xb, yb = x_dev[idx.to(dev)], y_dev[idx.to(dev)]
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _step_factor(cfg, (epoch - 1) * steps_per_epoch + b, total_steps, epoch)
-            if etd is not None:
-                with etd.apply(model, "train", ids=train_data.example_id[idx]):
-                    logits = model(xb)
-            else:
-                logits = model(xb)
-            stats = _per_example(logits, yb)
+            with autocast:
+                if etd is not None:
+                    with etd.apply(net, "train", ids=train_data.example_id[idx]):
+                        logits = net(xb)
+                else:
+                    logits = net(xb)
+            stats = _per_example(logits.float(), yb)
+            if not torch.isfinite(stats["loss"]).all():
+                raise FloatingPointError(f"The training loss became {stats['loss'].sum().item()} at epoch {epoch}, "
+                                         f"step {b + 1}: the run diverged (lr={cfg.lr} is probably too high). "
+                                         f"Nothing after epoch {epoch - 1} was saved.")
             opt.zero_grad(set_to_none=True)
             stats["loss"].mean().backward()
             opt.step()
             records.append((idx, {k: v.detach() for k, v in stats.items()}))
         pos = torch.cat([r[0] for r in records])
-        cat = {k: torch.cat([r[1][k] for r in records]) for k in records[0][1]}
+        cat = {k: torch.cat([r[1][k] for r in records]).cpu() for k in records[0][1]}
         order_back = torch.argsort(pos)  # rows sorted by position in the train split = by example id
         mb = _frame(train_data.example_id[pos[order_back]], {k: v[order_back] for k, v in cat.items()})
         mb.insert(1, "epoch", epoch)
@@ -507,7 +664,7 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         history.append({"epoch": epoch, **acc})
         done = (cfg.stop_at_train_acc is not None and acc["train"] >= cfg.stop_at_train_acc) or epoch == cfg.epochs
         save_result(make_result(pd.concat(parts, ignore_index=True), epoch=epoch), dyndir / f"epoch_{epoch:03d}.parquet")
-        save_checkpoint(model, ckdir / _ckpt_name(epoch), epoch=epoch)
+        save_checkpoint(net, ckdir / _ckpt_name(epoch), epoch=epoch)
         with atomic_path(state_path) as tmp:
             torch.save({"epoch": epoch, "seconds": seconds, "history": history, "done": done,
                         "optimizer": opt.state_dict()}, tmp)
@@ -516,8 +673,27 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
         if on_epoch_end is not None:
             on_epoch_end(epoch, dict(acc))
     bar.close()
-    _finalize(out, cfg, data, examples, model, history, seconds, etd)
-    return Run(out)
+    _finalize(out, cfg, data, examples, net, history, seconds, etd, device=str(dev), source="memloc.train")
+    return Run(out, model=factory, device=dev)
+
+
+def _check_forward(model: nn.Module, data: Dataset) -> None:
+    """One eval-mode forward pass on two examples: the model must map the data's inputs to ``[B, K]`` logits."""
+    was = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(data.x[:2].to(next(iter(model.parameters()), torch.empty(0)).device))
+    except Exception as e:
+        raise ValueError(f"The model ({type(model).__name__}) cannot take this data's inputs of shape "
+                         f"{list(data.input_shape)}: {type(e).__name__}: {e}") from None
+    finally:
+        for m, w in zip(model.modules(), was):
+            m.training = w
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != data.num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"The model must return logits [batch, {data.num_classes}] for this data "
+                         f"({data.num_classes} classes); it returned {shape}.")
 
 
 def make_etd(cfg: TrainConfig, model: nn.Module, data: Dataset):
@@ -529,7 +705,7 @@ def make_etd(cfg: TrainConfig, model: nn.Module, data: Dataset):
     if cfg.example_tied_dropout is None:
         return None
     spec = dict(cfg.example_tied_dropout)
-    sites = spec.pop("sites", None) or layer_names(model)[-2:-1]
+    sites = spec.pop("sites", None) or layer_names(model)[-1:]
     resolve_sites(model, sites)
     return ExampleTiedDropout(sites, int(data.example_id.max()) + 1, seed=cfg.seed, **spec)
 
@@ -541,13 +717,25 @@ def _step_factor(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
 
 
 def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame, model: nn.Module,
-              history: list[dict], seconds: float, etd=None) -> None:
+              history: list[dict], seconds: float, etd=None, **extra: Any) -> None:
+    """Merge the per-epoch dynamics into ``dynamics.parquet``, evaluate the final model, write ``summary.json``.
+
+    The merged file is written (atomically) before the per-epoch parts are deleted, and a rerun after a kill
+    anywhere in here redoes the merge from whatever parts are left plus the merged file, so no row is lost.
+    """
     dyndir = out / "dynamics"
     parts = sorted(dyndir.glob("epoch_*.parquet"))
+    merged = out / "dynamics.parquet"
     if parts:
-        dyn = pd.concat([load_result(p) for p in parts], ignore_index=True)
+        frames = [load_result(p) for p in parts]
+        if merged.exists():  # a previous finalisation was killed while deleting the parts
+            old = load_result(merged)
+            have = set(pd.concat(frames).epoch.unique())
+            frames = [old[~old.epoch.isin(have)]] + frames
+        dyn = pd.concat(frames, ignore_index=True).sort_values(["epoch", "source"], kind="stable",
+                                                              ignore_index=True)
         dyn["source"] = dyn["source"].astype("category")
-        save_result(make_result(dyn, seed=cfg.seed, config=cfg.to_dict()), out / "dynamics.parquet")
+        save_result(make_result(dyn, seed=cfg.seed, config=cfg.to_dict()), merged)
     shutil.rmtree(dyndir, ignore_errors=True)
     model.eval()
     final = evaluate(model, data, cfg.eval_batch_size, etd=etd)
@@ -569,7 +757,8 @@ def _finalize(out: Path, cfg: TrainConfig, data: Dataset, examples: pd.DataFrame
         "noisy_fit_epoch": noisy_fit, "seconds": round(seconds, 3), "seed": cfg.seed,
         "n": {g: int((examples.group == g).sum()) for g in ("clean", "noisy", "test")},
         "chance": 1.0 / data.num_classes, "threads": torch.get_num_threads(), "config": cfg.to_dict(),
-        "history": history,
+        "model_class": read_json(out / "config.json").get("model_class"), "data_name": data.name,
+        "history": history, **extra,
     }
     if etd_summary is not None:
         summary["example_tied_dropout"] = etd_summary
@@ -582,8 +771,11 @@ def format_summary(summary: dict, path: str | Path | None = None) -> str:
     n = summary["n"]
     lines = [
         f"run: {path}" if path else None,
-        "setting: " + " ".join(str(x) for x in (c['model'], c['model_kwargs'] or "", "on", c['dataset'],
-                                                 c['dataset_kwargs'] or "") if x != "") + f", {c['noise']:.0%} flipped labels "
+        "setting: " + " ".join(str(x) for x in (summary.get("model_class") if c["model"] == "custom" else c["model"],
+                                                 c['model_kwargs'] or "", "on",
+                                                 summary.get("data_name", c["dataset"]) if c["dataset"] == "custom"
+                                                 else c['dataset'], c['dataset_kwargs'] or "") if x != "")
+        + f", {c['noise']:.0%} flipped labels "
         f"(noise_seed={c['noise_seed'] if c['noise_seed'] is not None else c['seed']}), seed={c['seed']}, "
         f"{c['optimizer']} lr={c['lr']} {c['schedule']}, batch {c['batch_size']}",
         f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s ({summary['threads']} threads); "

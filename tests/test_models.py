@@ -13,8 +13,8 @@ def test_models_map_inputs_to_logits_and_name_their_layers(name, shape):
     model = build_model(name, shape, 7, seed=0, **kw).eval()
     out = model(torch.randn(3, *shape))
     assert out.shape == (3, 7)
-    names = layer_names(model)
-    assert names[-1] != names[0]
+    names = layer_names(model, head=True)
+    assert names[-1] != names[0] and layer_names(model) == names[:-1]
     for n in names:
         mod = resolve_site(model, n)
         assert any(True for _ in mod.parameters()), f"{n} owns no parameters"
@@ -59,5 +59,38 @@ def test_unknown_model():
 
 
 def test_layer_names_of_an_arbitrary_module():
+    # the blocks of the outermost container; the last one is the head
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
-    assert layer_names(model) == ["0", "2.0", "2.1"]
+    assert layer_names(model, head=True) == ["0", "2"] and layer_names(model) == ["0"]
+
+
+class _Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+class _UserNet(nn.Module):
+    """A wrapper around the real container, user module names, a residual block, a parameter-free pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.ModuleDict({"stem": nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                                  "res1": _Res(4), "pool": nn.AdaptiveAvgPool2d(1), "fc": nn.Linear(4, 3)})
+
+    def forward(self, x):
+        h = self.net["pool"](self.net["res1"](self.net["stem"](x)))
+        return self.net["fc"](h.flatten(1))
+
+
+def test_layer_names_rule_descends_a_wrapper_and_keeps_a_residual_block_whole():
+    model = _UserNet()
+    assert layer_names(model) == ["net.stem", "net.res1"]
+    assert layer_names(model, head=True) == ["net.stem", "net.res1", "net.fc"]
+    model.layer_names = ["net.res1", "net.fc"]  # the model's own choice wins
+    assert layer_names(model) == ["net.res1"]
+    with pytest.raises(ValueError, match="no submodule with parameters"):
+        layer_names(nn.ReLU())

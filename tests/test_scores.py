@@ -114,8 +114,30 @@ def test_batched_ensemble_equals_separately_trained_models(digits):
     for sa, sb in zip(a, b):
         for k in sa:
             assert torch.allclose(sa[k], sb[k], atol=1e-10, rtol=0), k
-    with pytest.raises(ValueError, match="BatchNorm"):
-        train_ensemble(data, 2, model="cnn1d", progress=False)
+
+
+def test_batchnorm_ensembles_batched_equal_the_loop_in_float64(digits):
+    """BatchNorm models stack: per-model running statistics, each normalised by its own minibatch; balanced
+    (unequal-size) subsets too."""
+    from memloc.data import inject_label_noise
+
+    data = inject_label_noise(digits, 0.1, seed=0)
+    kw = dict(model="cnn2d", model_kwargs={"channels": [4, 6]}, epochs=2, batch_size=64, progress=False,
+              return_states=True, dtype=torch.float64, optimizer="sgd", lr=0.05)
+    data = replace(data, x=data.x.view(-1, 1, 8, 8))
+    for extra in ({}, {"balanced": True, "ratio": 0.5}):
+        with pytest.warns(UserWarning, match="fit only"):
+            ens_a, a = train_ensemble(data, 4, chunk=3, **kw, **extra)
+        with pytest.warns(UserWarning, match="fit only"):
+            ens_b, b = train_ensemble(data, 4, method="loop", **kw, **extra)
+        for sa, sb in zip(a, b):
+            assert any("running_mean" in k for k in sa)
+            for k in sa:
+                assert torch.allclose(sa[k].double(), sb[k].double(), atol=1e-10, rtol=0), k
+            # each model has its own statistics, and they moved away from their initial values
+            assert not torch.equal(sa["layers.0.0.bn.running_mean"], a[0]["layers.0.0.bn.running_mean"]) or sa is a[0]
+        assert (ens_a.phi_train == ens_b.phi_train).all() or np.allclose(ens_a.phi_train, ens_b.phi_train, atol=1e-6)
+        assert ens_a.settings["fit_own_subset"] < 0.95
 
 
 @pytest.fixture(scope="module")

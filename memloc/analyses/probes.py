@@ -2,7 +2,7 @@
 geometric definitions of memorization.
 
 Every function takes :class:`~memloc.train.Run` objects, captures the outputs of the run's layers
-(``layer_names``: block outputs after the non-linearity, the head's logits) for a fixed, seeded sample of
+(``layer_names(model, head=True)``: block outputs after the non-linearity, the head's logits) for a fixed, seeded sample of
 examples, flattens them to examples x features, and returns a tidy result whose settings say which examples,
 layers, epochs and estimator produced it.
 """
@@ -44,7 +44,7 @@ def layer_activations(run, ids, layers: Sequence[str] | None = None, epoch: int 
                       batch_size: int = 1024) -> dict[str, np.ndarray]:
     """``{layer: [len(ids), features]}`` float64 activations of the run's model at ``epoch`` (default: last)."""
     model = run.model(epoch)
-    layers = list(layers or layer_names(model))
+    layers = list(layers or layer_names(model, head=True))
     data = run.data().by_ids(ids)
     acts = capture(model, data, layers, batch_size=batch_size, reduce=lambda a: a.flatten(1))
     return {k: v.double().numpy() for k, v in acts.items()}
@@ -171,7 +171,7 @@ def neural_collapse_memorization(run, epochs=None) -> pd.DataFrame:
     """
     ex = run.examples
     data = run.data()
-    head = layer_names(run.model())[-1]
+    head = layer_names(run.model(), head=True)[-1]
     epochs = list(run.epochs if epochs is None else epochs)
     groups = {"noisy": ex.group.to_numpy() == "noisy", "clean": ex.group.to_numpy() == "clean",
               "test": ex.group.to_numpy() == "test"}

@@ -42,21 +42,37 @@ DIRECTION = {"learning_speed": -1, "mean_confidence": -1, "forgetting_events": 1
              "lira": 1, "loss_attack": 1}
 
 
-def dynamics_scores(run, source: str = "minibatch") -> pd.DataFrame:
+def dynamics_scores(run, source: str | None = None) -> pd.DataFrame:
     """Scores computed from a run's per-example record (``dynamics.parquet``), one row per training example.
 
     ``source="minibatch"`` uses the presentations just before each optimiser step (Toneva et al.'s
-    convention); ``"eval"`` uses the end-of-epoch evaluation passes (epoch 0 excluded). Columns: ``example_id,
+    convention); ``"eval"`` uses the end-of-epoch evaluation passes (epoch 0 excluded). The default is
+    ``"minibatch"`` when the run recorded them (:func:`memloc.train`, :class:`~memloc.record.Recorder`) and
+    ``"eval"`` otherwise (a run adapted from checkpoints); the settings say which. Columns: ``example_id,
     group`` and the scores of the module docstring.
     """
-    if source not in ("minibatch", "eval"):
+    if source not in (None, "minibatch", "eval"):
         raise ValueError(f"The 'source' parameter must be 'minibatch' or 'eval'. Got {source!r} instead.")
     ex = run.examples
     train_ids = ex.example_id[ex.split == "train"].to_numpy()
     dyn = run.dynamics
+    if dyn.empty:
+        raise ValueError(f"{run.path} has no dynamics record.")
+    unknown = np.setdiff1d(dyn.example_id.unique(), ex.example_id.to_numpy())
+    if len(unknown):
+        raise ValueError(f"{run.path}: its dynamics record has example ids {unknown[:5].tolist()} that its examples "
+                         f"({len(ex)}) do not have; the data and the dynamics belong to different runs.")
+    if source is None:
+        source = "minibatch" if (dyn.source == "minibatch").any() else "eval"
     dyn = dyn[(dyn.source == source) & (dyn.epoch > 0) & dyn.example_id.isin(train_ids)]
     if dyn.empty:
-        raise ValueError(f"{run.path} has no '{source}' rows in its dynamics record.")
+        raise ValueError(f"{run.path} has no '{source}' rows after initialisation in its dynamics record.")
+    counts = dyn.groupby("epoch").example_id.nunique()
+    short = counts[counts != len(train_ids)]
+    if len(short):
+        raise ValueError(f"{run.path}: the '{source}' record of epoch(s) {short.index[:5].tolist()} covers "
+                         f"{short.iloc[0]} of the {len(train_ids)} training examples; every epoch must present "
+                         "every training example once (Recorder.batch for each example before epoch_end).")
     correct = dyn.pivot(index="example_id", columns="epoch", values="correct").sort_index(axis=1)
     loss = dyn.pivot(index="example_id", columns="epoch", values="loss").reindex_like(correct)
     conf = dyn.pivot(index="example_id", columns="epoch", values="confidence").reindex_like(correct)
@@ -92,12 +108,15 @@ def input_gradient_norms(model, x: torch.Tensor, y: torch.Tensor, batch_size: in
                          loss_fn: Callable = _ce_sum) -> torch.Tensor:
     """``||d loss_i / d x_i||^2`` per example, ``x [N, ...]``, ``y [N]``; per-example losses are *summed* (not
     averaged) before the backward pass, so every example's gradient is its own, whatever the batch size."""
+    from ..hooks import model_device
+
     require_eval(model, "Input-gradient scores")
+    dev = model_device(model)
     out = []
     for s in range(0, len(x), batch_size):
-        xb = x[s:s + batch_size].clone().requires_grad_(True)
-        g, = torch.autograd.grad(loss_fn(model(xb), y[s:s + batch_size]).sum(), xb)
-        out.append(g.flatten(1).pow(2).sum(1).detach())
+        xb = x[s:s + batch_size].to(dev).clone().requires_grad_(True)
+        g, = torch.autograd.grad(loss_fn(model(xb), y[s:s + batch_size].to(dev)).sum(), xb)
+        out.append(g.flatten(1).pow(2).sum(1).detach().cpu())
     return torch.cat(out)
 
 
@@ -113,9 +132,13 @@ def curvature(model, x: torch.Tensor, y: torch.Tensor, n_directions: int = 10, h
     reference's mean inflates the last short batch). Directions come from a private generator seeded by ``seed``
     and the example's position. ``x [N, ...]``, ``y [N]`` -> ``[N]``; with ``return_gradient_norms`` also
     ``||grad_x L(x)||^2`` ``[N]``, which the estimate computes anyway. ``batch_size`` counts rows (examples x
-    (directions + 1)) per pass.
+    (directions + 1)) per pass. Runs on the model's device (directions are drawn on the CPU, so the values do
+    not depend on the device); results come back on the CPU.
     """
+    from ..hooks import model_device
+
     require_eval(model, "Curvature")
+    dev = model_device(model)
     if form not in ("squared", "norm"):
         raise ValueError(f"The 'form' parameter must be 'squared' or 'norm'. Got {form!r} instead.")
     if not isinstance(n_directions, int) or n_directions < 1:
@@ -127,9 +150,9 @@ def curvature(model, x: torch.Tensor, y: torch.Tensor, n_directions: int = 10, h
     per_pass = max(1, batch_size // (n_directions + 1))
     out, norms = [], []
     for s in range(0, len(x), per_pass):
-        xb, yb = x[s:s + per_pass], y[s:s + per_pass]
+        xb, yb = x[s:s + per_pass].to(dev), y[s:s + per_pass].to(dev)
         b = len(xb)
-        v = v_all[:, s:s + b].to(x.dtype)
+        v = v_all[:, s:s + b].to(device=dev, dtype=x.dtype)
         inp = torch.cat([xb[None], xb[None] + h * v]).flatten(0, 1).clone().requires_grad_(True)
         grad, = torch.autograd.grad(loss_fn(model(inp), yb.repeat(n_directions + 1)).sum(), inp)
         grad = grad.view(n_directions + 1, b, -1)
@@ -137,8 +160,8 @@ def curvature(model, x: torch.Tensor, y: torch.Tensor, n_directions: int = 10, h
         val = diff.pow(2).mean(0) if form == "squared" else diff.mean(0)
         if normalize:
             val = val / (h ** 2 if form == "squared" else h)
-        out.append(val.detach())
-        norms.append(grad[0].pow(2).sum(1).detach())
+        out.append(val.detach().cpu())
+        norms.append(grad[0].pow(2).sum(1).detach().cpu())
     return (torch.cat(out), torch.cat(norms)) if return_gradient_norms else torch.cat(out)
 
 
@@ -303,18 +326,22 @@ def cscore(ensembles, data=None) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------- retraining scores
 
 def _fit(model, x, y, epochs, cfg, seed, stop_at_fit: int | None = None, on_epoch=None):
-    """Plain training loop used by SSFT and holdout retraining: the run's optimiser and batch size."""
+    """Plain training loop used by SSFT and holdout retraining: the run's optimiser and batch size, on the
+    model's device (``x``, ``y`` are moved there once)."""
     import math
 
+    from ..hooks import model_device
     from ..train import _make_optimizer
 
+    dev = model_device(model)
+    x, y = x.to(dev), y.to(dev)
     opt = _make_optimizer(cfg, model)
     streak = 0
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for b in range(math.ceil(len(x) / cfg.batch_size)):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(dev)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -335,16 +362,15 @@ def second_split_forgetting(run, forget_epochs: int = 20, fit_epochs: int | None
                             progress: bool = True) -> pd.DataFrame:
     """Second-split forgetting time (Maini et al. 2022).
 
-    The training examples are split in halves A and B (seeded). A fresh model (the run's architecture and
-    optimiser) is trained on A until it has fit A for 5 consecutive epochs (at most ``fit_epochs``, default the
+    The training examples are split in halves A and B (seeded). A fresh model (the run's own architecture from its
+    model factory, initialised from ``seed``; the run's optimiser) is trained on A until it has fit A for 5 consecutive epochs (at most ``fit_epochs``, default the
     run's epoch budget), then trained on B for ``forget_epochs`` epochs with a fresh optimiser; after each epoch
     its predictions on A are recorded. ``ssft(i)`` is the first epoch after which i stays misclassified (against
     its training label) to the end: 1..forget_epochs, or ``forget_epochs + 1`` if it is still correct at the end.
     Then the halves swap. Low SSFT = forgotten fast = likely mislabeled. Columns: ``example_id, group, ssft``.
     """
-    from ..models import build_model
-
     cfg = run.config
+    run.warn_default_recipe("second-split forgetting")
     data = run.data().train
     fit_epochs = fit_epochs or cfg.epochs
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -352,13 +378,14 @@ def second_split_forgetting(run, forget_epochs: int = 20, fit_epochs: int | None
     ssft = np.zeros(len(data))
     for k in tqdm(range(2), desc="second-split forgetting", disable=not progress, leave=False):
         a, b = halves[k], halves[1 - k]
-        model = build_model(cfg.model, data.input_shape, data.num_classes, seed=seed * 7 + k, **cfg.model_kwargs)
+        model = run.new_model(seed * 7 + k)
         _fit(model, data.x[a], data.y[a], fit_epochs, cfg, seed + k, stop_at_fit=5)
         record = []
+        xa = data.x[a]
 
         def on_epoch(_):
-            with torch.no_grad():
-                record.append((model(data.x[a]).argmax(1) == data.y[a]).numpy())
+            from ..locate._common import predictions
+            record.append((predictions(model, xa) == data.y[a]).numpy())
 
         _fit(model, data.x[b], data.y[b], forget_epochs, cfg, seed + 10 + k, on_epoch=on_epoch)
         correct = np.stack(record, 1)  # [|A|, E]
@@ -367,7 +394,8 @@ def second_split_forgetting(run, forget_epochs: int = 20, fit_epochs: int | None
         ssft[a.numpy()] = np.where(last_correct == E - 1, E + 1, last_correct + 2)
     df = pd.DataFrame({"example_id": data.example_id.numpy(), "group": data.group.astype(str), "ssft": ssft})
     return make_result(df, scores="ssft", forget_epochs=forget_epochs, fit_epochs=fit_epochs, seed=seed,
-                       run=str(run.path), config=cfg.to_dict())
+                       run=str(run.path), model=run.model_name, recipe=run.info.get("recipe", "given"),
+                       config=cfg.to_dict())
 
 
 def holdout_retraining(run, epochs: int = 5, seed: int = 0) -> pd.DataFrame:
@@ -375,18 +403,23 @@ def holdout_retraining(run, epochs: int = 5, seed: int = 0) -> pd.DataFrame:
     split, true labels) for ``epochs`` epochs with the run's optimiser; ``holdout_kl(i)`` is the symmetric KL
     divergence between the predictive distributions of the original and fine-tuned models on training example
     i. Memorized examples move most. Columns: ``example_id, group, holdout_kl``."""
+    from ..hooks import batched_forward
+
     cfg = run.config
+    run.warn_default_recipe("holdout retraining")
     data = run.data()
     train, held = data.train, data.test
     if len(held) == 0:
         raise ValueError("Holdout retraining needs held-out (test) examples; this run has none.")
-    before = run.model()
-    with torch.no_grad():
-        p = torch.log_softmax(before(train.x).double(), 1)
+
+    def logp(model):
+        return torch.cat([torch.log_softmax(out.double(), 1).cpu() for _, out in batched_forward(model, train.x, 2048)])
+
+    p = logp(run.model())
     tuned = _fit(run.model(), held.x, held.y, epochs, cfg, seed)
-    with torch.no_grad():
-        q = torch.log_softmax(tuned(train.x).double(), 1)
+    q = logp(tuned)
     kl = ((p.exp() * (p - q)).sum(1) + (q.exp() * (q - p)).sum(1)).numpy()
     df = pd.DataFrame({"example_id": train.example_id.numpy(), "group": train.group.astype(str), "holdout_kl": kl})
     return make_result(df, scores="holdout_retraining", epochs=epochs, seed=seed, held_out="test split",
-                       run=str(run.path), config=cfg.to_dict())
+                       run=str(run.path), model=run.model_name, recipe=run.info.get("recipe", "given"),
+                       config=cfg.to_dict())

@@ -24,10 +24,12 @@ classifiers (:class:`ClassifierTask`) and language models (an ``LMTask`` with th
 ids; retain = every other training example; holdout = the test examples (non-members for membership
 inference).
 
-**Oracle.** :func:`train_oracle` trains the run's own :class:`~memloc.train.TrainConfig` (same seed, same
-initialisation, same stopping rule) on the run's data minus the forget set, into its own resumable folder, and
-records the excluded ids in its ``summary.json`` (``unlearn_oracle``). ``noise`` is set to 0 in its config
-because the data already carries the run's (flipped) labels; nothing is re-drawn.
+**Oracle.** :func:`train_oracle` trains the run's own model (its factory: your model class for a run of your
+model) with the run's own :class:`~memloc.train.TrainConfig` (same seed, same initialisation: the run's epoch-0
+weights when it has them; same stopping rule), on the run's device, on the run's data minus the forget set,
+into its own resumable folder, and records the excluded ids in its ``summary.json`` (``unlearn_oracle``).
+``noise`` is set to 0 in its config because the data already carries the run's (flipped) labels; nothing is
+re-drawn.
 
 **Methods** (:func:`unlearn`; each works on a deep copy, is seeded, and returns a record of what it may have
 changed). Fine-tuning methods take ``steps`` optimiser steps (Adam, ``lr``, no weight decay, ``schedule``
@@ -39,7 +41,11 @@ used 30):
 
 - ``zero_units``: zero located units, permanently, by zeroing the unit's output slice in every parametrised
   submodule of its layer (the weight row and bias of a linear layer; a conv channel's kernel and its BatchNorm
-  scale and shift), which zeroes the unit's output exactly as :func:`memloc.hooks.ablate` does. Units come from
+  scale and shift): the unit is zeroed at the output of each of those submodules, as greedy ablation zeroes it.
+  For a plain block (conv -> BN -> ReLU) that is exactly ``memloc.hooks.ablate(model, {layer: units})``. A
+  residual block ``x + f(x)`` differs: zeroing the unit's parameters zeroes ``f(x)``'s channel, but the skip
+  connection still carries ``x``'s channel, whereas ``ablate`` on the block zeroes the sum; there it equals
+  ``ablate`` on the block's last parametrised submodule (``tests/test_own_model.py`` checks both). Units come from
   ``units={site: [indices]}``, or ``source="ablate"`` (greedy neuron ablation of the forget examples,
   :func:`~memloc.locate.greedy_flip`; the ``n_units`` units most often needed to flip one), or
   ``source="etd"`` (the memorization units of example-tied dropout, for a run trained with it).
@@ -233,6 +239,7 @@ def train_oracle(run, forget_ids, out: str | Path | None = None, progress: bool 
     from ..train import Run, train
 
     data = run.data()
+    run.warn_default_recipe("the unlearning oracle")
     forget_ids = np.sort(np.asarray(forget_ids, dtype=np.int64))
     split = forget_split(data, forget_ids)
     if out is None:
@@ -241,7 +248,9 @@ def train_oracle(run, forget_ids, out: str | Path | None = None, progress: bool 
     keep = ~np.isin(data.example_id.numpy(), forget_ids)
     cfg = run.config.to_dict()
     cfg["noise"] = 0.0  # the data already carries the run's labels; do not flip again
-    oracle = train(cfg, out, data=data.subset(keep), progress=progress)
+    init = run.checkpoint(0) if 0 in run.epochs else None
+    own = None if run.factory.kind == "registry" else run.factory  # a registered model keeps its name in the config
+    oracle = train(cfg, out, data=data.subset(keep), model=own, device=run.device, init=init, progress=progress)
     summary = oracle.summary
     seen = oracle.data()
     trained_on = seen.example_id.numpy()[seen.split == "train"]
@@ -252,7 +261,7 @@ def train_oracle(run, forget_ids, out: str | Path | None = None, progress: bool 
         summary["unlearn_oracle"] = {"source_run": str(run.path), "excluded_ids": forget_ids.tolist(),
                                      "n_excluded": int(len(forget_ids))}
         write_json(summary, Path(out) / "summary.json")
-    return Run(out)
+    return Run(out, model=run.factory, device=run.device)
 
 
 # ----------------------------------------------------------------------------------------------- units
@@ -262,7 +271,7 @@ def _units(model: nn.Module, layers=None):
     from ..models import layer_names
 
     if layers is None:
-        layers = layer_names(model)[:-1]  # not the head: zeroing or resetting a class is not localisation
+        layers = layer_names(model)  # not the head: zeroing or resetting a class is not localisation
     return find_units(model, layers)
 
 
@@ -545,7 +554,7 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
             chosen.setdefault(layer, []).append(i)
         _reset(new, units, chosen, seed)
         masks = _unit_slices(new, units, chosen)
-        head = layer_names(new)[-1]
+        head = layer_names(new, head=True)[-1]
         for k, prm in new.named_parameters():
             if k.startswith(head + "."):
                 masks[k] = torch.ones_like(prm, dtype=torch.bool)
@@ -650,7 +659,7 @@ def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequ
             raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
     effective = {m: _params(m, params.get(m, {})) for m in methods}
     data = run.data()
-    task = ClassifierTask(data, etd=run.etd())
+    task = ClassifierTask(data, etd=run.etd(), device=run.device)
     split = forget_split(data, forget)
     folder = Path(out or run.path / "unlearn") / split.name
     oracle_run = train_oracle(run, split.forget, folder / "oracle", progress=progress)

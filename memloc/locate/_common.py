@@ -12,7 +12,7 @@ from ..models import layer_names
 
 def layer_keys(model: nn.Module, layer: str, buffers: bool = True) -> list[str]:
     """state_dict keys of the parameters (and, if ``buffers``, buffers) under module path ``layer``."""
-    names = layer_names(model)
+    names = layer_names(model, head=True)
     mods = dict(model.named_modules())
     if layer not in mods or not layer:
         raise SiteError(f"{type(model).__name__} has no layer {layer!r}; its layers are {names}.")
@@ -25,9 +25,15 @@ def layer_keys(model: nn.Module, layer: str, buffers: bool = True) -> list[str]:
     return keys
 
 
-def resolve_layers(model: nn.Module, layers: str | list[str] | None) -> list[str]:
+def resolve_layers(model: nn.Module, layers: str | list[str] | None, head: bool = False) -> list[str]:
+    """``layers`` checked against the model, or the default of :func:`memloc.models.layer_names` (with the
+    head if ``head``)."""
     if layers is None:
-        return layer_names(model)
+        names = layer_names(model, head=head)
+        if not names:
+            raise SiteError(f"{type(model).__name__} has no layer but its head "
+                            f"{layer_names(model, head=True)}; pass layers= explicitly.")
+        return names
     layers = [layers] if isinstance(layers, str) else list(layers)
     for layer in layers:
         layer_keys(model, layer)

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Dataset
-from ..hooks import SiteError, hooks, replace_parameters, require_eval
+from ..hooks import SiteError, hooks, model_device, replace_parameters, require_eval
 from ..results import make_result
 from ._common import resolve_layers, seeded_generator
 
@@ -60,7 +60,7 @@ class Units:
 
 
 def find_units(model: nn.Module, layers: str | Sequence[str] | None = None) -> Units:
-    """Units of the given layers (default: ``layer_names(model)``).
+    """Units of the given layers (default: ``layer_names(model)``, the head excluded).
 
     A layer's units are the output features/channels shared by all its parametrised submodules; every
     parameter's first dimension must be that count (true for Linear, ConvNd, BatchNorm, LayerNorm blocks).
@@ -102,23 +102,22 @@ def _masked_forward(model: nn.Module, units: Units, keep: torch.Tensor, x: torch
                     reps: int = 1):
     """Forward with per-row unit masks ``keep [R, U]`` (rows of ``x`` are ``reps`` stacked copies of R rows).
 
-    Only the last parametrised submodule of a layer is masked: that zeroes the unit's output exactly as
-    zeroing all its parameters would, and earlier submodules' outputs of a masked unit then get zero gradient,
-    so their scores vanish as they do for zeroed parameters. Layers with no masked unit are not touched. With
-    ``store``, every parametrised submodule's output is kept (with its gradient) for scoring.
+    A masked unit's channel is zeroed at the output of *every* parametrised submodule of its layer: that is
+    exactly what zeroing all its parameters does (a conv or linear map with zero weights and bias outputs zero,
+    a BatchNorm with zero scale and shift too), also in blocks with parallel branches (a projection shortcut).
+    Layers with no masked unit are not touched. With ``store``, every parametrised submodule's output is kept
+    (with its gradient) for scoring.
     """
     fns = {}
     for li, layer in enumerate(units.layers):
         sl = keep[:, units.offsets[li]:units.offsets[li] + units.sizes[li]]
         masked = not bool(sl.all())
-        mask = sl.to(x.dtype) if masked else None
-        subs = units.submodules[layer]
-        for k, sub in enumerate(subs):
-            last = k == len(subs) - 1
-            if not (store is not None or (last and masked)):
+        mask = sl.to(device=x.device, dtype=x.dtype) if masked else None
+        for sub in units.submodules[layer]:
+            if not (store is not None or masked):
                 continue
 
-            def fn(out, mask=mask if last else None, layer=layer):
+            def fn(out, mask=mask, layer=layer):
                 if mask is not None:
                     mk = mask.repeat(reps, 1) if reps > 1 else mask
                     out = out * mk.view(mk.shape + (1,) * (out.ndim - 2))
@@ -156,7 +155,9 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
     final_pred = torch.full((T,), -1, dtype=torch.long)
     bar = tqdm(total=T, desc="greedy ablation", disable=not progress, leave=False)
     rows_done = 0
-    x_all, y_all = _rows_for(train, pos, ids, m, seed)
+    dev = model_device(model)
+    x_all, y_all = _rows_for(train, pos, ids, m, seed)  # on the CPU: noise is drawn from them there
+    x_dev, y_dev = x_all.to(dev), y_all.to(dev)
     rows_per = m + 1
     step = 0
     while not done.all():
@@ -164,12 +165,13 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
         per_pass = max(1, max_rows // (rows_per * max(1, noise_samples)))
         for chunk in active.split(per_pass):
             rows = (chunk[:, None] * rows_per + torch.arange(rows_per)).flatten()
-            x, y = x_all[rows], y_all[rows]
+            x, y = x_dev[rows.to(dev)], y_dev[rows.to(dev)]
             krow = keep[chunk].repeat_interleave(rows_per, 0)
             if noise_samples:
-                eps = torch.cat([_noise(x[j * rows_per:(j + 1) * rows_per], noise_samples, noise_scale, seed,
+                xc = x_all[rows]
+                eps = torch.cat([_noise(xc[j * rows_per:(j + 1) * rows_per], noise_samples, noise_scale, seed,
                                         ids[int(t)], step) for j, t in enumerate(chunk)], dim=1)
-                xin = (x[None] + eps).flatten(0, 1)
+                xin = (x[None] + eps.to(dev)).flatten(0, 1)
             else:
                 xin = x
             store: dict = {}
@@ -178,7 +180,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
             if noise_samples:
                 logits = logits.view(noise_samples, len(x), -1).mean(0)
             tgt = logits[::rows_per]
-            pred = tgt.argmax(1)
+            pred = tgt.argmax(1).cpu()
             n_zeroed = torch.tensor([len(zeroed[int(t)]) for t in chunk])
             stop = (pred != y_t[chunk]) | (n_zeroed >= max_units)
             for j, t in enumerate(chunk.tolist()):
@@ -191,6 +193,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
             w = torch.full((len(chunk), rows_per), keep_weight / max(m, 1), dtype=ce.dtype)
             w[:, 0] = -1.0
             w[stop] = 0.0
+            w = w.to(dev)
             model.zero_grad(set_to_none=True)
             (ce * w.flatten()).sum().backward()
             scores = torch.zeros(len(chunk), U, dtype=torch.float64)
@@ -202,7 +205,7 @@ def _batched_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise
                     if noise_samples:
                         s = s.view(noise_samples, len(x), -1).sum(0)
                     acc = acc + s.double()
-                per_target = acc.view(len(chunk), rows_per, -1).sum(1)
+                per_target = acc.view(len(chunk), rows_per, -1).sum(1).cpu()
                 scores[:, units.offsets[li]:units.offsets[li] + units.sizes[li]] = per_target
             scores[~keep[chunk]] = -torch.inf
             best = scores.argmax(1)
@@ -224,8 +227,10 @@ def _loop_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise_sa
     params = {layer: [(f"{sub}.{pn}" if sub else pn, p) for sub in units.submodules[layer]
                       for pn, p in mods[sub].named_parameters(recurse=False)] for layer in units.layers}
     zeroed_all, flipped_all, preds = [], [], []
+    dev = model_device(model)
     for t in tqdm(range(len(pos)), desc="greedy ablation (loop)", disable=not progress, leave=False):
-        x, y = _rows_for(train, [pos[t]], [ids[t]], m, seed)
+        xc, y = _rows_for(train, [pos[t]], [ids[t]], m, seed)
+        x, y = xc.to(dev), y.to(dev)
         zeroed: list[int] = []
         step = 0
         while True:
@@ -239,7 +244,7 @@ def _loop_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise_sa
             with replace_parameters(model, values):
                 xin = x
                 if noise_samples:
-                    xin = (x[None] + _noise(x, noise_samples, noise_scale, seed, ids[t], step)).flatten(0, 1)
+                    xin = (x[None] + _noise(xc, noise_samples, noise_scale, seed, ids[t], step).to(dev)).flatten(0, 1)
                 logits = model(xin)
                 if noise_samples:
                     logits = logits.view(noise_samples, len(x), -1).mean(0)
@@ -256,7 +261,7 @@ def _loop_search(model, units, train, pos, ids, y_t, *, m, keep_weight, noise_sa
                     for _, p in params[layer]:
                         s = s + (p.detach() * p.grad).flatten(1).sum(1).double() if p.ndim > 1 else \
                             s + (p.detach() * p.grad).double()
-                    scores[units.offsets[li]:units.offsets[li] + units.sizes[li]] = s
+                    scores[units.offsets[li]:units.offsets[li] + units.sizes[li]] = s.cpu()
             scores[zeroed] = -torch.inf
             zeroed.append(int(scores.argmax()))
             step += 1
@@ -273,6 +278,7 @@ def _accuracy_changes(model, units, keep, data, eval_size, seed, max_rows):
     Targets that zeroed the same set of units share one evaluation.
     """
     keep, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    dev = model_device(model)
     out = {}
     for group in ("clean", "test"):
         sub = data.subset(data.group == group)
@@ -281,14 +287,15 @@ def _accuracy_changes(model, units, keep, data, eval_size, seed, max_rows):
             continue
         if eval_size is not None and len(sub) > eval_size:
             sub = sub.subset(torch.randperm(len(sub), generator=seeded_generator(seed, 3))[:eval_size].sort().values)
+        sx, sy = sub.x.to(dev), sub.y.to(dev)
         with torch.no_grad():
-            base = (model(sub.x).argmax(1) == sub.y).double().mean()
+            base = (model(sx).argmax(1) == sy).double().mean().cpu()
             per = max(1, max_rows // max(1, len(sub)))
             accs = []
             for chunk in torch.arange(len(keep)).split(per):
                 krow = keep[chunk].repeat_interleave(len(sub), 0)
-                logits = _masked_forward(model, units, krow, sub.x.repeat(len(chunk), *[1] * (sub.x.ndim - 1)), None)
-                accs.append((logits.argmax(1) == sub.y.repeat(len(chunk))).view(len(chunk), -1).double().mean(1))
+                logits = _masked_forward(model, units, krow, sx.repeat(len(chunk), *[1] * (sx.ndim - 1)), None)
+                accs.append((logits.argmax(1) == sy.repeat(len(chunk))).view(len(chunk), -1).double().mean(1).cpu())
         out[group] = (torch.cat(accs) - base)[inverse].numpy()
     return out
 
@@ -303,7 +310,9 @@ def greedy_flip(model: nn.Module, data: Dataset, example_ids: Sequence[int], *, 
         model: an eval-mode classifier (``[B, ...] -> [B, K]`` logits).
         data: the Dataset it was trained on (training labels in ``data.y``; groups for the report).
         example_ids: ids of the training examples to flip.
-        layers: layers whose units may be zeroed (default ``layer_names(model)``, the head included).
+        layers: layers whose units may be zeroed (default ``layer_names(model)``: every layer but the head, whose
+            units are class logits; zeroing one flips any example and locates nothing. Pass the head's name to
+            include it).
         batch_size: size of each target's batch: the target plus ``batch_size - 1`` other training examples,
             drawn at random per target (seeded by ``seed`` and the example id).
         keep_weight: weight of the batch term (0 = only raise the target's loss).

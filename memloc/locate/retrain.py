@@ -29,7 +29,7 @@ def retrain_layers(run: Run, layers: str | Sequence[str] | None = None, max_epoc
     """Reset each layer to initialisation, freeze the rest, retrain on clean examples; accuracy per epoch.
 
     Args:
-        layers: module paths (default: every layer of ``layer_names``).
+        layers: module paths (default: ``layer_names(model, head=True)``, the head included as in Maini et al.).
         max_epochs: at most this many epochs per layer; training stops earlier after ``patience`` consecutive
             epochs at 100% clean accuracy.
         optimizer, lr, batch_size: default to the run's own (constant learning rate).
@@ -40,13 +40,14 @@ def retrain_layers(run: Run, layers: str | Sequence[str] | None = None, max_epoc
     if not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"The 'max_epochs' parameter must be an int in [1, inf). Got {max_epochs!r} instead.")
     cfg = run.config
+    run.warn_default_recipe("layer retraining")
     optimizer = optimizer or cfg.optimizer
     lr = lr or cfg.lr
     batch_size = batch_size or cfg.batch_size
     data = run.data()
     final_state = run.checkpoint()
-    init = run.checkpoint(0)
-    layers = resolve_layers(run.model(), layers)
+    init, reset_to = _initial_state(run)
+    layers = resolve_layers(run.model(), layers, head=True)
     rows: list[dict] = []
     for layer in tqdm(layers, desc="retrain", disable=not progress, leave=False):
         layer_rows, _ = retrain_layer(run, layer, max_epochs=max_epochs, patience=patience, optimizer=optimizer,
@@ -56,7 +57,17 @@ def retrain_layers(run: Run, layers: str | Sequence[str] | None = None, max_epoc
     frozen_change = 0.0  # retrain_layer raises if anything frozen moved
     return make_result(frame(rows), method="retrain", run=str(run.path), layers=layers, max_epochs=max_epochs,
                        patience=patience, optimizer=optimizer, lr=lr, batch_size=batch_size, seed=seed,
-                       trained_on="clean", frozen_max_change=frozen_change, config=cfg.to_dict())
+                       trained_on="clean", frozen_max_change=frozen_change, reset_to=reset_to,
+                       model=run.model_name, config=cfg.to_dict())
+
+
+def _initial_state(run: Run) -> tuple[dict, str]:
+    """The weights a layer is reset to: the run's epoch-0 checkpoint, or (for adapted checkpoints without one)
+    a fresh initialisation of the run's own model from its seed."""
+    if 0 in run.epochs:
+        return run.checkpoint(0), "epoch 0 (the run's initialisation)"
+    state = {k: v.detach().cpu() for k, v in run.new_model(device="cpu").state_dict().items()}
+    return state, f"a fresh initialisation of the run's model (seed {run.config.seed}; the run has no epoch-0 checkpoint)"
 
 
 def retrain_layer(run: Run, layer: str, max_epochs: int = 20, patience: int = 3, optimizer: str | None = None,
@@ -69,10 +80,12 @@ def retrain_layer(run: Run, layer: str, max_epochs: int = 20, patience: int = 3,
     if optimizer not in ("sgd", "adam", "adamw"):
         raise ValueError(f"The 'optimizer' parameter must be one of ['sgd', 'adam', 'adamw']. Got {optimizer!r} instead.")
     data = run.data() if _data is None else _data
-    init = run.checkpoint(0) if _init is None else _init
+    init = _initial_state(run)[0] if _init is None else _init
     final = run.checkpoint() if _final is None else _final
     clean = data.subset(data.group == "clean")
     model = run.model()
+    dev = next(iter(model.parameters())).device
+    cx, cy = clean.x.to(dev), clean.y.to(dev)
     keys = layer_keys(model, layer, buffers=True)
     with torch.no_grad():
         sd = dict(model.state_dict(keep_vars=True))
@@ -92,8 +105,8 @@ def retrain_layer(run: Run, layer: str, max_epochs: int = 20, patience: int = 3,
         target.train()  # only the reset layer updates its own normalisation statistics
         order = torch.randperm(len(clean), generator=seeded_generator(seed, epoch))
         for b in range(math.ceil(len(clean) / batch_size)):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            loss = F.cross_entropy(model(clean.x[idx]), clean.y[idx])
+            idx = order[b * batch_size:(b + 1) * batch_size].to(dev)
+            loss = F.cross_entropy(model(cx[idx]), cy[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,7 +117,7 @@ def retrain_layer(run: Run, layer: str, max_epochs: int = 20, patience: int = 3,
         if streak >= patience:
             break
     after = model.state_dict()
-    moved = [k for k in after if k not in keys and not torch.equal(after[k], final[k])]
+    moved = [k for k in after if k not in keys and not torch.equal(after[k].cpu(), final[k])]
     if moved:
         raise RuntimeError(f"Retraining {layer!r} changed frozen tensors {moved[:5]}; this is a bug.")
     for p in model.parameters():

@@ -42,7 +42,8 @@ def rewind_layers(run: Run, layers: str | Sequence[str] | None = None, epochs: S
 
     Args:
         run: a finished :class:`~memloc.train.Run`.
-        layers: module paths (default: ``layer_names(model)``, e.g. Maini's 9 ResNet-9 groups).
+        layers: module paths (default: ``layer_names(model, head=True)``, e.g. Maini's 9 ResNet-9 groups; the
+            head is one of them).
         epochs: checkpoints to rewind to (default :func:`default_rewind_epochs`).
         include_buffers: rewind normalisation buffers (BatchNorm running statistics) together with the
             parameters (default on; the reference code does not, which mixes final statistics with old weights).
@@ -50,7 +51,7 @@ def rewind_layers(run: Run, layers: str | Sequence[str] | None = None, epochs: S
     ``layer == "none"`` is the final model. Settings record the run, epochs and ``include_buffers``.
     """
     model = run.model()
-    layers = resolve_layers(model, layers)
+    layers = resolve_layers(model, layers, head=True)
     epochs = list(default_rewind_epochs(run) if epochs is None else epochs)
     missing = sorted(set(epochs) - set(run.epochs))
     if missing:

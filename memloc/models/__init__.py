@@ -214,14 +214,43 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
         return MODELS[name](tuple(input_shape), int(num_classes), **kwargs)
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """The model's parametrised layers in forward order: ``model.layer_names`` when the model defines it,
-    otherwise every innermost module that owns parameters (any ``nn.Module`` works)."""
+def layer_names(model: nn.Module, head: bool = False) -> list[str]:
+    """The layers a researcher would pick, in forward order; the head (the layer producing the logits) only
+    with ``head=True``.
+
+    The rule, for any ``nn.Module``:
+
+    1. ``model.layer_names`` when the model defines it (memloc's models do; set it on your own model to choose
+       the layers yourself): its last entry is the head.
+    2. Otherwise the blocks of the outermost container: starting at the model, while exactly one child owns
+       parameters (directly or below), descend into that child; the children of the module reached that own
+       parameters are the layers, in registration order (normally the forward order). A residual block is one
+       layer; activations, pooling and other parameter-free modules are not layers. The last of them is the head.
+
+    Every method that takes ``layers=`` uses this rule for its default and says whether it adds the head:
+    rewinding, retraining and the probes include it (Maini et al.'s layer groups include the classifier),
+    greedy ablation, unlearning and example-tied dropout do not (zeroing a logit flips any example and
+    locates nothing).
+    """
     names = getattr(model, "layer_names", None)
     if names is not None:
-        return list(names)
-    out = []
-    for name, mod in model.named_modules():
-        if name and any(True for _ in mod.parameters(recurse=False)):
-            out.append(name)
-    return out
+        names = list(names)
+    else:
+        def owns(m: nn.Module) -> bool:
+            return any(True for _ in m.parameters())
+
+        prefix, mod = "", model
+        while True:
+            kids = [(n, c) for n, c in mod.named_children() if owns(c)]
+            if len(kids) == 1 and any(True for _ in kids[0][1].children()):
+                prefix, mod = prefix + kids[0][0] + ".", kids[0][1]
+                continue
+            break
+        if not kids and any(True for _ in mod.parameters(recurse=False)):
+            names = [prefix[:-1]] if prefix else []
+        else:
+            names = [prefix + n for n, _ in kids]
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no submodule with parameters to call a layer; give "
+                             "layers= explicitly (module paths from model.named_modules()).")
+    return names if head else names[:-1]

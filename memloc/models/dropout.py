@@ -92,7 +92,7 @@ class ExampleTiedDropout:
                     if out.shape[0] != len(ids):
                         raise ValueError(f"Site {site!r} got a batch of {out.shape[0]} but {len(ids)} example ids.")
                     keep = torch.ones(len(ids), n, dtype=out.dtype, device=out.device)
-                    keep[:, k:] = self.mask(site, n)[ids].to(out.dtype)
+                    keep[:, k:] = self.mask(site, n)[ids.cpu()].to(device=out.device, dtype=out.dtype)
                     shape[0], shape[d] = len(ids), n
                 else:
                     keep = torch.empty(n, dtype=out.dtype, device=out.device)
