@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/edit.py
 	$(PY) benchmarks/unlearn.py
 	$(PY) benchmarks/device.py
+	$(PY) benchmarks/memorized.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 
-def loop_value(model, tok, req, layer, cfg):
+def loop_value(lm, req, layer, cfg):
     """The reference ROME value optimisation: the same loss as memloc's, one prompt per forward pass."""
-    from memloc.edit.rome import VALUE, _encode, _target_ids, subject_last_index
+    from memloc.edit.rome import VALUE, subject_last_index
     from memloc.hooks import hooks
 
-    tgt = _target_ids(tok, req.target_new)
+    model = lm.model
+    tgt = lm.target_ids(req.target_new, req.text)
     rewrite = [c.format(req.prompt) for c in cfg.context_templates]
     delta = torch.zeros(model.cfg.d_model, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -38,8 +39,8 @@ def loop_value(model, tok, req, layer, cfg):
         total = 0.0
         prompts = [(p, True) for p in rewrite] + [(p, False) for p in cfg.kl_prompts]
         for j, (p, is_rewrite) in enumerate(prompts):
-            ids = _encode(tok, p.format(req.subject))
-            look = subject_last_index(tok, p, req.subject)
+            ids = lm.encode(p.format(req.subject))
+            look = subject_last_index(lm, p, req.subject)
             seq = ids + (tgt[:-1] if is_rewrite else [])
             got = {}
 
@@ -87,7 +88,8 @@ def main():
     from memloc.models.transformer import train_lm
 
     run = train_lm(make_fact_world(), a.run)  # reuses a finished testbed
-    model, tok, world = run.model(), run.tokenizer, run.world
+    lm, world = run.lm(), run.world
+    model = lm.model
     res = {"setting": f"default LM testbed ({run.config['model']['n_layers']} layers, d_model "
                       f"{run.config['model']['d_model']}, d_mlp {run.config['model']['d_mlp']}), {a.run}",
            "threads": a.threads}
@@ -95,8 +97,8 @@ def main():
     # knowledge-neuron attribution
     facts = world.facts[:24]
     prompts = [p for f in facts for p in world.prompts(f)]
-    toks, lens = tok.batch(prompts)
-    targets = [tok.id(f.object) for f in facts for _ in world.prompts(f)]
+    toks, lens = lm.batch(prompts)
+    targets = [lm.target_ids(f.object, p)[0] for f in facts for p in world.prompts(f)]
     L = model.cfg.n_layers
     attribute(model, toks[:4], lens[:4], targets[:4], 0)  # warm-up
     t0 = time.perf_counter()
@@ -112,38 +114,44 @@ def main():
         "max_abs_difference": max(float((b - s).abs().max()) for b, s in zip(batched, single))}
 
     # ROME value optimisation: 12 prompts batched vs looped
-    (f, req), = make_requests(world, 1, seed=0)
+    rec, = make_requests(world, 1, seed=0)
+    req = rec.request()
     prefixes = [" ".join(world.training_text()[i].split()[:2]) + " {}" for i in range(0, 1000, 100)]
     cfg = EditConfig(context_templates=("{}", *prefixes))
-    _optimize_target(model, tok, req, VALUE.format(0), EditConfig(v_steps=2))  # warm-up
+    _optimize_target(lm, req, VALUE.format(0), EditConfig(v_steps=2))  # warm-up
     t0 = time.perf_counter()
-    v_b, _ = _optimize_target(model, tok, req, VALUE.format(0), cfg)
+    v_b, _ = _optimize_target(lm, req, VALUE.format(0), cfg)
     tvb = time.perf_counter() - t0
     t0 = time.perf_counter()
-    v_l = loop_value(model, tok, req, 0, cfg)
+    v_l = loop_value(lm, req, 0, cfg)
     tvl = time.perf_counter() - t0
     t0 = time.perf_counter()
-    C = key_second_moment(model, tok, world.training_text(), 0)
+    C = key_second_moment(lm, world.training_text(), 0)
     tc = time.perf_counter() - t0
     pairs = make_requests(world, 100, seed=0)
     t0 = time.perf_counter()
-    for _, r in pairs[:20]:
-        rome(model, tok, r, 0, C)
+    for r in pairs[:20]:
+        rome(lm, r.request(), 0, C, outcomes=False)
     tr = (time.perf_counter() - t0) / 20
+    t0 = time.perf_counter()
+    for r in pairs[:20]:
+        rome(lm, r.request(), 0, C)
+    tro = (time.perf_counter() - t0) / 20
     res["rome"] = {"value_optimisation_prompts": len(cfg.context_templates) + len(cfg.kl_prompts),
                    "batched_s": round(tvb, 3), "one_prompt_at_a_time_s": round(tvl, 3),
                    "speedup": round(tvl / tvb, 1),
                    "v_star_rel_difference": float((v_b - v_l).norm() / v_l.norm()),
                    "s_per_edit_testbed_template": round(tr, 3),
+                   "s_per_edit_with_outcomes": round(tro, 3),
                    "key_statistics_s": round(tc, 2), "key_statistics_tokens": C.count}
 
     # MEMIT (one batch) vs sequential ROME, 100 edits
     from memloc.edit.evaluate import TESTBED_MEMIT
     t0 = time.perf_counter()
-    many_edits(model, tok, world, pairs, "memit", [0], {0: C}, EditConfig.memit(**TESTBED_MEMIT), progress=False)
+    many_edits(lm, pairs, "memit", [0], {0: C}, EditConfig.memit(**TESTBED_MEMIT), progress=False)
     tm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    many_edits(model, tok, world, pairs, "sequential", [0], {0: C}, progress=False)
+    many_edits(lm, pairs, "sequential", [0], {0: C}, progress=False)
     tsq = time.perf_counter() - t0
     res["memit_vs_sequential_rome"] = {"edits": len(pairs), "memit_s_per_edit": round(tm / len(pairs), 3),
                                        "sequential_rome_s_per_edit": round(tsq / len(pairs), 3),

@@ -23,7 +23,11 @@ _SUBMODULES = {"locate", "analyses", "edit", "ensemble", "sweep", "report", "hoo
 
 
 def __getattr__(name: str):
-    """``memloc.locate``, ``memloc.analyses`` ... are imported on first use (they pull in more dependencies)."""
+    """``memloc.locate``, ``memloc.analyses`` ... are imported on first use (they pull in more dependencies);
+    ``memloc.LM`` is :class:`memloc.models.lm.LM`, the language-model handle."""
+    if name == "LM":
+        from .models.lm import LM
+        return LM
     if name in _SUBMODULES:
         import importlib
 

@@ -342,28 +342,29 @@ def _lm(a: argparse.Namespace) -> None:
                        seed=a.seed, progress=not a.quiet)
         print(json.dumps({k: v for k, v in run.summary.items() if k != "model"}, indent=1))
         return
+    if a.action == "memorized":
+        return _memorized(a)
     run = LMRun(a.out)
-    model, tok, world = run.model(), run.tokenizer, run.world
+    lm, world = run.lm(device=a.device), run.world
     out = run.path / "analysis"
     from .results import save_result
     if a.action == "metrics":
         from .analyses.lm import canary_extraction, exposure, fact_recall
 
         for split in ("train", "heldout"):
-            print(f"fact recall ({split} templates): {fact_recall(model, tok, world, split).correct.mean():.3f}")
-        ex = exposure(model, tok, world).merge(canary_extraction(model, tok, world)[["name", "extracted"]], on="name")
+            print(f"fact recall ({split} templates): {fact_recall(lm, world, split).correct.mean():.3f}")
+        ex = exposure(lm, world).merge(canary_extraction(lm, world)[["name", "extracted"]], on="name")
         save_result(ex, out / "exposure.parquet")
         print(ex.round(3).to_string(index=False))
         return
     if a.action == "neurons":
-        _neurons(a, model, tok, world, out)
+        _neurons(a, lm, world, out)
         return
     from .analyses.plots import plot_trace, save_figure
     from .locate.trace import trace_facts
 
     for kind, window in (("resid", 1), ("mlp", 2), ("attn", 2)):
-        df = trace_facts(model, tok, world, world.facts[:a.facts], kind, a.samples, window, a.seed,
-                         progress=not a.quiet)
+        df = trace_facts(lm, world, kind, a.samples, window, a.seed, limit=a.facts, progress=not a.quiet)
         save_result(df, out / f"trace_{kind}.parquet")
         save_figure(plot_trace(df), out / f"trace_{kind}.png")
         st = df.attrs["settings"]
@@ -454,19 +455,57 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
     print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
 
 
-def _neurons(a, model, tok, world, out) -> None:
+def _memorized(a: argparse.Namespace) -> None:
+    """`memloc lm memorized`: k-extractable sequences of a model on a set of texts."""
+    import torch
+
+    from .analyses.lm import memorized_sequences
+    from .data.records import load_texts
+    from .models.lm import LM
+    from .results import save_result
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not a.model or not a.texts:
+        raise ValueError("memloc lm memorized needs --model DIR (a local Hugging Face folder or a memloc LM run) "
+                         "and --texts FILE (.txt, .jsonl or a saved dataset folder).")
+    lm = LM.from_pretrained(a.model, a.tokenizer, prepend_bos=_bos_arg(a), device=a.device)
+    texts = load_texts(a.texts)
+    out = Path(a.out_table) if a.out_table else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out (memloc does not overwrite tables it did not write).")
+    df = memorized_sequences(lm, texts, a.prefix_tokens, a.suffix_tokens, progress=not a.quiet)
+    el = df[df.eligible]
+    print(f"model: {lm.name}; BOS prepended: {lm.prepend_bos}; {len(texts)} texts, {len(el)} with at least "
+          f"{a.prefix_tokens}+{a.suffix_tokens} tokens")
+    print(f"k-extractable (greedy, prefix {a.prefix_tokens} tokens, continuation {a.suffix_tokens}): "
+          f"{int(el.extractable.sum())} of {len(el)} ({el.extractable.mean():.1%}); mean match fraction "
+          f"{el.match_fraction.mean():.3f}, mean continuation NLL {el.loss.mean():.3f}")
+    with __import__("pandas").option_context("display.width", 200, "display.max_colwidth", 40):
+        print(el.sort_values(["extractable", "match_fraction"], ascending=False)[
+            ["text_id", "extractable", "match_fraction", "loss", "suffix"]].head(20).to_string(index=False))
+    if out is not None:
+        save_result(df, out)
+        print(f"wrote {out}")
+
+
+def _bos_arg(a) -> bool | None:
+    v = getattr(a, "prepend_bos", "auto")
+    return None if v in (None, "auto") else v == "yes"
+
+
+def _neurons(a, lm, world, out) -> None:
     from .analyses.plots import plot_knowledge_neurons, save_figure
     from .locate.knowledge import intervene_knowledge_neurons, knowledge_neurons
     from .results import save_result
 
-    kn = knowledge_neurons(model, tok, world, world.facts[:a.facts], steps=a.steps, progress=not a.quiet)
+    kn = knowledge_neurons(lm, world, steps=a.steps, limit=a.facts, progress=not a.quiet)
     st = kn.attrs["settings"]
     save_result(kn, out / "knowledge_neurons.parquet")
     effects = {}
     for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
         for split in ("train", "heldout"):
-            effects[(name, split)] = intervene_knowledge_neurons(model, tok, world, kn, factor, split=split,
-                                                                 seed=a.seed)
+            effects[(name, split)] = intervene_knowledge_neurons(lm, world, kn, factor, split=split, seed=a.seed)
             save_result(effects[(name, split)], out / f"knowledge_{name}_{split}.parquet")
     save_figure(plot_knowledge_neurons(kn, effects), out / "knowledge_neurons.png")
     print(f"knowledge neurons: {st['n_facts']} facts, {st['steps']} IG steps ({st['method']}), threshold "
@@ -480,20 +519,25 @@ def _neurons(a, model, tok, world, out) -> None:
 
 
 def _edit(a: argparse.Namespace) -> None:
-    """ROME / MEMIT on a language-model run: one edit (--subject/--relation/--new) or the edit benchmark."""
+    """ROME / MEMIT: on a language-model run (one edit, or the edit benchmark), or on a user's model and a
+    CounterFact / zsRE file (--model, --requests)."""
     import torch
 
     from .edit.evaluate import compare_editors, request_scores
-    from .edit.rome import Request, key_second_moment, rome
+    from .edit.rome import EditConfig, key_second_moment, rome
     from .models.transformer import LMRun
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.model or a.requests:
+        return _edit_requests(a)
+    if a.run is None:
+        raise ValueError("memloc edit needs a language-model run (memloc edit RUN ...) or --model DIR --requests FILE.")
     run = LMRun(a.run)
-    model, tok, world = run.model(), run.tokenizer, run.world
+    lm, world = run.lm(device=a.device), run.world
     if a.subject is None:
         out = Path(a.out or run.path / "edit")
-        table = compare_editors(model, tok, world, out, n=a.n, layer=a.layer,
+        table = compare_editors(lm, world, out, n=a.n, layer=a.layer,
                                 memit_layers=[int(x) for x in a.memit_layers.split(",")], seed=a.seed,
                                 progress=not a.quiet)
         st = table.attrs["settings"]
@@ -501,8 +545,12 @@ def _edit(a: argparse.Namespace) -> None:
               f"{st['layer']} (v: {st['rome_config']['v_steps']} Adam steps, lr {st['rome_config']['v_lr']}, "
               f"KL {st['rome_config']['kl_factor']}, clamp {st['rome_config']['clamp_norm_factor']}), MEMIT at "
               f"layers {st['memit_layers']} (lambda {st['memit_config']['mom2_update_weight']}, clamp "
-              f"{st['memit_config']['clamp_norm_factor']}); C from the {st['key_statistics']}. Percent:")
-        print(table.to_string(index=False))
+              f"{st['memit_config']['clamp_norm_factor']}); C from the {st['key_statistics']}; BOS prepended: "
+              f"{st['prepend_bos']}. Percent:")
+        cols = [c for c in ("condition", "n", "es", "top1", "ps", "ns", "neighbour_acc", "other_acc", "unedited_acc",
+                            "fluency", "S", "took", "flag_did_not_take", "flag_collapse") if c in table]
+        with __import__("pandas").option_context("display.width", 220, "display.max_columns", 30):
+            print(table[cols].to_string(index=False))
         print(f"wrote {out}/ (one parquet per condition, summary.parquet, summary.png)")
         return
     if a.relation is None or a.new is None:
@@ -514,29 +562,36 @@ def _edit(a: argparse.Namespace) -> None:
     if fact is None:
         raise ValueError(f"No fact ({a.subject!r}, {a.relation!r}) in this world; subjects are e.g. "
                          f"{world.subjects[:5]}.")
-    tok.id(a.new)
+    objects = world.relations[a.relation][0]
+    if a.new not in objects:
+        raise ValueError(f"{a.new!r} is not an object of the relation {a.relation!r}; its objects are {objects}.")
     template = world.relations[a.relation][1][0].replace("{s}", "{}")
-    req = Request(template, a.subject, a.new, fact.object)
-    C = key_second_moment(model, tok, world.training_text(), a.layer) if a.covariance == "data" else None
-    from .edit.rome import EditConfig
-    edit = rome(model, tok, req, a.layer, C, EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp))
-    before = request_scores(model, tok, world, [(fact, req)])
-    with edit.applied(model):
-        after = request_scores(model, tok, world, [(fact, req)])
-        prompts = world.prompts(fact, "train") + world.prompts(fact, "heldout")
-        from .analyses.lm import next_token_logprobs
-        pred_after = [tok.vocab[int(i)] for i in next_token_logprobs(model, tok, prompts).argmax(1)]
-    pred_before = [tok.vocab[int(i)] for i in next_token_logprobs(model, tok, prompts).argmax(1)]
+    from .data.records import EditRecord
+    others = [g for g in world.facts if g.subject == fact.subject and g.relation != fact.relation]
+    rec = EditRecord(template, a.subject, a.new, fact.object, paraphrase_prompts=tuple(world.prompts(fact, "heldout")),
+                     neighborhood_prompts=tuple(world.prompts(g)[0] for g in world.neighbours(fact)),
+                     neighborhood_targets=tuple(g.object for g in world.neighbours(fact)),
+                     other_prompts=tuple(world.prompts(g)[0] for g in others),
+                     other_targets=tuple(g.object for g in others), case_id=f"{a.subject}/{a.relation}")
+    C = key_second_moment(lm, world.training_text(), a.layer) if a.covariance == "data" else None
+    edit = rome(lm, rec.request(), a.layer, C, EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp))
+    prompts = world.prompts(fact, "train") + world.prompts(fact, "heldout")
+    before = request_scores(lm, [rec])
+    pred_before = [lm.decode(g) for g in lm.generate(prompts, 1)]
+    with edit.applied(lm.model):
+        after = request_scores(lm, [rec])
+        pred_after = [lm.decode(g) for g in lm.generate(prompts, 1)]
+    info = edit.info
     print(f"ROME at layer {a.layer} (C {a.covariance}): {a.subject} {a.relation} {fact.object} -> {a.new}; "
-          f"|W'k - v*| / |v*| = {edit.info['rel_error']:.1e}")
+          f"|W'k - v*| / |v*| = {info['rel_error']:.1e}; flag: {info['flag']}")
     for p, b, c in zip(prompts, pred_before, pred_after):
         print(f"  {p!r:40s} {b:>8s} -> {c}")
-    info = edit.info
-    if not after.top1.item():
-        print(f"note: {a.new!r} is not the top prediction: the value optimisation stopped at target NLL "
-              f"{info['nll_end']:.2f} after {info['steps']} steps with |delta| = {info['delta_norm']:.1f} (clamp "
+    if info["flag"] != "ok":
+        print(f"note: the edit {'did not take' if not info['took'] else 'collapsed the continuation'}: target NLL "
+              f"{info['nll_after']:.2f} per token after the edit (value optimisation stopped at {info['nll_end']:.2f} "
+              f"after {info['steps']} steps, |delta| = {info['delta_norm']:.1f}, clamp "
               f"{info['config']['clamp_norm_factor']} x |h| = {info['config']['clamp_norm_factor'] * info['h_norm']:.1f});"
-              f" try --v-steps 50 or --clamp 8")
+              " try --v-steps 50 or --clamp 8")
     cols = ["es", "ps", "ns", "neighbour_acc", "other_acc"]
     print("before:", before[cols].round(2).to_dict("records")[0])
     print("after: ", after[cols].round(2).to_dict("records")[0])
@@ -550,12 +605,59 @@ def _edit(a: argparse.Namespace) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "world.json", "tokenizer.json"):
             shutil.copy(run.path / name, dest / name)
-        undo = edit.apply(model)
-        _save_model(model, dest / "model.safetensors")
+        undo = edit.apply(lm.model)
+        _save_model(lm.model, dest / "model.safetensors")
         undo()
         from .results import write_json
         write_json({**(run.summary or {}), "edit": {k: v for k, v in edit.info.items()}}, dest / "summary.json")
         print(f"wrote the edited model to {dest}/ (open it with memloc.models.transformer.LMRun)")
+
+
+def _edit_requests(a: argparse.Namespace) -> None:
+    """`memloc edit --model DIR --requests FILE`: edit a user's model with CounterFact / zsRE records."""
+    import pandas as pd
+
+    from .data.records import load_requests, load_texts
+    from .edit.evaluate import evaluate_requests
+    from .edit.rome import EditConfig, key_second_moment
+    from .models.lm import LM
+    from .results import save_result
+
+    if not a.model or not a.requests:
+        raise ValueError("Editing your own model needs both --model DIR (a local Hugging Face folder) and "
+                         "--requests FILE (CounterFact or zsRE JSON).")
+    records = load_requests(a.requests, limit=a.limit)
+    lm = LM.from_pretrained(a.model, a.tokenizer, prepend_bos=_bos_arg(a), device=a.device)
+    layers = [int(x) for x in (a.memit_layers.split(",") if a.method == "memit" else [a.layer])]
+    C = None
+    if a.stats:
+        texts = load_texts(a.stats)
+        C = {l: key_second_moment(lm, texts, l) for l in layers}
+        C = C if a.method == "memit" else C[layers[0]]
+    cfg = EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp) if a.method == "rome" else EditConfig.memit()
+    per, table = evaluate_requests(lm, records, a.method, layers[0], layers, C, cfg, fluency=not a.no_fluency,
+                                   progress=not a.quiet)
+    st = table.attrs["settings"]
+    print(f"model: {lm.name}; BOS prepended: {lm.prepend_bos} ({lm.bos_rule}); {len(records)} {'/'.join(st['formats'])} "
+          f"records from {a.requests}; {a.method.upper()} at layer(s) {layers}; C: "
+          + (f"key second moment over {a.stats}" if C is not None else "identity (no --stats texts: EasyEdit's "
+             "default; it hurts specificity)"))
+    cols = ["condition", "n"] + [c for c in st["usual"] if c in table] + [c for c in ("took", "flag_did_not_take",
+                                                                                      "flag_collapse") if c in table]
+    with pd.option_context("display.width", 220, "display.max_columns", 30):
+        print("percent (fluency: generation entropy x100):")
+        print(table[cols].to_string(index=False))
+    bad = per[per.flag != "ok"] if "flag" in per else per.iloc[:0]
+    if len(bad):
+        print(f"FLAGGED {len(bad)} of {len(per)} edits:")
+        print(bad[["case_id", "subject", "new", "flag", "nll_after"]].to_string(index=False))
+    if a.out:
+        out = Path(a.out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out folder.")
+        save_result(per, out / "records.parquet")
+        save_result(table, out / "summary.parquet")
+        print(f"wrote {out}/records.parquet and summary.parquet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -634,9 +736,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto: where each cell trains")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("lm", help="language-model testbed: train a tiny transformer on a fact world, trace it")
-    p.add_argument("action", choices=["train", "trace", "metrics", "neurons"])
+    p = sub.add_parser("lm", help="language models: train / trace / measure the testbed; find memorized sequences "
+                                  "of any model")
+    p.add_argument("action", choices=["train", "trace", "metrics", "neurons", "memorized"])
     p.add_argument("--out", default="runs/lm", help="the language-model run folder (%(default)s)")
+    p.add_argument("--model", default=None, help="memorized: a local Hugging Face model folder (or a memloc LM run)")
+    p.add_argument("--tokenizer", default=None, help="memorized: tokenizer folder (default: the model's)")
+    p.add_argument("--texts", default=None, help="memorized: .txt (one text a line), .jsonl ('text') or a saved dataset")
+    p.add_argument("--prefix-tokens", type=int, default=32, help="memorized: k, the prompt's tokens (%(default)s)")
+    p.add_argument("--suffix-tokens", type=int, default=32, help="memorized: n, the continuation (%(default)s)")
+    p.add_argument("--table", dest="out_table", default=None, help="memorized: write the table to this .parquet")
+    p.add_argument("--prepend-bos", default="auto", choices=["auto", "yes", "no"],
+                   help="BOS before every text: auto = the tokenizer's convention (GPT-2: no)")
     p.add_argument("--subjects", type=int, default=120)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
@@ -660,8 +771,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder (default RUN/unlearn; results go to OUT/<forget set>/)")
     _add_common(p)
 
-    p = sub.add_parser("edit", help="ROME / MEMIT on a language-model run: one edit, or the edit benchmark")
-    p.add_argument("run", help="a language-model run folder (memloc lm train)")
+    p = sub.add_parser("edit", help="ROME / MEMIT: on a language-model run (one edit, or the benchmark), or on your "
+                                    "model with CounterFact / zsRE records")
+    p.add_argument("run", nargs="?", default=None, help="a language-model run folder (memloc lm train)")
+    p.add_argument("--model", default=None, help="your model: a local Hugging Face folder (with --requests)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    p.add_argument("--requests", default=None, help="CounterFact or zsRE JSON / JSON lines")
+    p.add_argument("--method", default="rome", choices=["rome", "memit"], help="with --requests (%(default)s)")
+    p.add_argument("--stats", default=None, help="with --requests: texts for C = E[kk^T] (.txt / .jsonl / dataset); "
+                                                 "default identity")
+    p.add_argument("--limit", type=int, default=None, help="with --requests: the first N records")
+    p.add_argument("--no-fluency", action="store_true", help="with --requests: skip generation entropy")
+    p.add_argument("--prepend-bos", default="auto", choices=["auto", "yes", "no"],
+                   help="BOS before every prompt: auto = the tokenizer's convention (GPT-2: no, as kmeng01/rome)")
     p.add_argument("--subject", default=None, help="edit one fact: its subject (with --relation and --new)")
     p.add_argument("--relation", default=None)
     p.add_argument("--new", default=None, help="the new object")
@@ -672,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="benchmark: number of requests (%(default)s)")
     p.add_argument("--layer", type=int, default=0, help="ROME layer (%(default)s)")
     p.add_argument("--memit-layers", default="0", help="benchmark: MEMIT layers, comma-separated (%(default)s)")
-    p.add_argument("--out", default=None, help="benchmark folder (default RUN/edit)")
+    p.add_argument("--out", default=None, help="benchmark folder (default RUN/edit); with --requests: a new folder "
+                                               "for records.parquet and summary.parquet")
     _add_common(p, model_factory=False)
 
     p = sub.add_parser("summary", help="print the summary of a run folder")

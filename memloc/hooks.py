@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = ["SiteError", "valid_sites", "resolve_site", "resolve_sites", "neuron_dim", "require_eval", "hooks",
            "scale_neurons", "ablate", "replace_parameters", "capture", "batched_forward", "model_device",
-           "resolve_device"]
+           "resolve_device", "copy_model"]
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +55,20 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"The 'device' parameter must be one of {list(DEVICES)} or 'cuda:N'. Got {device!r} instead.")
     return dev
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also works when a module caches a tensor from a gradient-enabled forward pass
+    (a ``TransformerBridge`` keeps each attention pattern as ``attn._pattern``; ``copy.deepcopy`` refuses such
+    non-leaf tensors): those are copied detached."""
+    import copy
+
+    memo: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -225,28 +225,25 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     out.mkdir(parents=True, exist_ok=True)
     log(f"language-model investigation: fact world ({o['n_subjects']} subjects, seed {o['seed']}) -> {out}/")
     run = train_lm(make_fact_world(o["n_subjects"], seed=o["seed"]), out / "run", seed=o["seed"], progress=progress)
-    model, tok, world = run.model(), run.tokenizer, run.world
+    lm, world = run.lm(), run.world
     s = run.summary
     log(f"trained {s['epochs']} epochs in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training "
         f"templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
 
     def metrics():
-        ex = exposure(model, tok, world).merge(canary_extraction(model, tok, world)[["name", "extracted"]],
-                                               on="name")
+        ex = exposure(lm, world).merge(canary_extraction(lm, world)[["name", "extracted"]], on="name")
         return ex
     ex = _step(out, "exposure", metrics, log)
-    facts = world.facts[:o["trace_facts"]]
     traces = {kind: _step(out, f"trace_{kind}", lambda kind=kind: trace_facts(
-        model, tok, world, facts, kind, window=1 if kind == "resid" else 2, seed=o["seed"], progress=progress),
-        log) for kind in ("resid", "mlp", "attn")}
-    kn = _step(out, "knowledge_neurons", lambda: knowledge_neurons(model, tok, world, world.facts[:o["kn_facts"]],
-                                                                   progress=progress), log)
+        lm, world, kind, window=1 if kind == "resid" else 2, seed=o["seed"], limit=o["trace_facts"],
+        progress=progress), log) for kind in ("resid", "mlp", "attn")}
+    kn = _step(out, "knowledge_neurons", lambda: knowledge_neurons(lm, world, limit=o["kn_facts"], progress=progress),
+               log)
     effects = {(name, split): _step(out, f"knowledge_{name}_{split}", lambda f=factor, sp=split:
-                                    intervene_knowledge_neurons(model, tok, world, kn, f, split=sp, seed=o["seed"]),
-                                    log)
+                                    intervene_knowledge_neurons(lm, world, kn, f, split=sp, seed=o["seed"]), log)
                for name, factor in (("suppress", 0.0), ("amplify", 2.0)) for split in ("train", "heldout")}
     t0 = time.perf_counter()
-    edits_table = compare_editors(model, tok, world, out / "edit", n=o["edits"], seed=o["seed"], progress=progress)
+    edits_table = compare_editors(lm, world, out / "edit", n=o["edits"], seed=o["seed"], progress=progress)
     log(f"edits: {time.perf_counter() - t0:.1f} s")
     from .edit.unlearn_lm import compare_lm_unlearning, plot_lm_tradeoff
 

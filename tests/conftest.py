@@ -49,3 +49,15 @@ def lm_testbed(tmp_path_factory):
     from memloc.models.transformer import train_lm
 
     return train_lm(make_fact_world(), tmp_path_factory.mktemp("lm") / "testbed", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A GPT-2 with a byte-level BPE tokenizer (BOS = EOS = PAD = 0), trained locally on tests/hf_world.py's made-up
+    countries, canaries and repeated sequences, saved with save_pretrained (~15 s on one thread). Read-only."""
+    pytest.importorskip("transformers")
+    import hf_world
+
+    folder = tmp_path_factory.mktemp("hf") / "gpt2-bpe"
+    hf_world.build(folder)
+    return folder

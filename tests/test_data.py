@@ -1,3 +1,4 @@
+import json
 import pickle
 import random
 
@@ -155,3 +156,28 @@ def test_from_arrays_validates():
         from_arrays(np.zeros((3, 2)), [0, 1, 2], num_classes=2)
     d = from_arrays(np.zeros((3, 2)), [0, 1, 1], np.ones((2, 2)), [1, 0])
     assert d.example_id.tolist() == [0, 1, 2, 3, 4] and d.group.tolist() == ["clean"] * 3 + ["test"] * 2
+
+
+def test_text_loaders_and_secret_records(tmp_path):
+    from memloc.data.records import CandidateSpace, Secret, load_texts
+
+    texts = ["alpha beta", "gamma delta", "epsilon"]
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
+    assert load_texts(texts) == load_texts(tmp_path / "t.txt") == load_texts(tmp_path / "t.jsonl") == texts
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    assert load_texts(tmp_path / "ds") == texts
+    with pytest.raises(ValueError, match="no column 'body'"):
+        load_texts(tmp_path / "ds", field="body")
+    with pytest.raises(ValueError, match="has no field 'body'"):
+        load_texts(tmp_path / "t.jsonl", field="body")
+    with pytest.raises(FileNotFoundError, match="No texts at"):
+        load_texts(tmp_path / "missing.txt")
+    space = CandidateSpace(3)
+    assert space.size == 1000 and space.index("042") == 42 and list(space.all())[42] == "042"
+    spaced = CandidateSpace(2, tuple("ab"), " ")
+    assert list(spaced.all()) == ["a a", "a b", "b a", "b b"] and spaced.index("b a") == 2
+    assert Secret("x", "code is", "417", space).text == "code is 417"
+    with pytest.raises(ValueError, match="not a string of 3 symbols"):
+        Secret("x", "code is", "41", space)

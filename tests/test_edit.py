@@ -12,9 +12,9 @@ from memloc.locate.knowledge import attribute, intervene_knowledge_neurons, know
 
 @pytest.fixture(scope="module")
 def bed(lm_testbed):
-    model, tok, world = lm_testbed.model(), lm_testbed.tokenizer, lm_testbed.world
-    C = key_second_moment(model, tok, world.training_text(), 0)
-    return model, tok, world, C
+    h, world = lm_testbed.lm(), lm_testbed.world
+    C = key_second_moment(h, world.training_text(), 0)
+    return h, world, C
 
 
 def _state(model):
@@ -26,27 +26,30 @@ def _same(a, b):
 
 
 def test_request_and_positions(lm):
-    tok = lm.tokenizer
+    h = lm.lm()
     with pytest.raises(ValueError, match="contain"):
         Request("lives in", "ada", "rome")
     s = lm.world.subjects[0]
-    assert subject_last_index(tok, "the home of {} is in", s) == 4  # <bos> the home of S
-    assert subject_last_index(tok, "{} lives in", s) == 1
+    assert subject_last_index(h, "the home of {} is in", s) == 4  # <bos> the home of S
+    assert subject_last_index(h, "{} lives in", s) == 1
 
 
 def test_rome_is_exact_and_undone_bit_for_bit(bed):
-    model, tok, world, C = bed
+    h, world, C = bed
+    model = h.model
     before = _state(model)
-    (f, req), = make_requests(world, 1, seed=3)
-    e = rome(model, tok, req, 0, C)
+    rec, = make_requests(world, 1, seed=3)
+    req = rec.request()
+    e = rome(h, req, 0, C)
     assert _same(before, _state(model))  # computing an edit leaves the model alone
     assert e.info["rel_error"] < 1e-4  # W'k = v* for the edited key
     name, w, transposed = mlp_out_weight(model, 0)
     assert list(e.deltas) == [name] and not transposed
     sv = torch.linalg.svdvals(e.deltas[name].double())
     assert sv[1] < 1e-5 * sv[0]  # rank one (up to float32 rounding)
+    assert e.info["took"] and e.info["flag"] == "ok" and e.info["nll_after"] < 0.1
     with e.applied(model):
-        s = request_scores(model, tok, world, [(f, req)])
+        s = request_scores(h, [rec])
         assert s.top1.item() == 1.0  # the new object is the top prediction
     assert _same(before, _state(model))
     undo = e.apply(model)
@@ -56,11 +59,12 @@ def test_rome_is_exact_and_undone_bit_for_bit(bed):
 
 
 def test_rome_quality_and_covariance_specificity(bed):
-    model, tok, world, C = bed
-    pairs = make_requests(world, 30, seed=1)
-    base = request_scores(model, tok, world, pairs)
-    data = single_edits(model, tok, world, pairs, 0, C, progress=False)
-    ident = single_edits(model, tok, world, pairs, 0, None, progress=False)
+    h, world, C = bed
+    recs = make_requests(world, 30, seed=1)
+    base = request_scores(h, recs)
+    data = single_edits(h, recs, 0, C, progress=False)
+    ident = single_edits(h, recs, 0, None, progress=False)
+    assert data.took.all() and (data.flag == "ok").mean() >= 0.9
     assert data.rel_error.max() < 1e-4
     assert data.es.mean() >= 0.95 and data.ps.mean() >= 0.8
     assert base.neighbour_acc.mean() - data.neighbour_acc.mean() <= 0.05
@@ -70,35 +74,38 @@ def test_rome_quality_and_covariance_specificity(bed):
 
 
 def test_whitening_keeps_other_keys_out(bed):
-    model, tok, world, C = bed
-    (f, req), = make_requests(world, 1, seed=5)
-    others = [f"{s} lives in" for s in world.subjects if s != f.subject]
-    toks, lens = tok.batch(others)
+    h, world, C = bed
+    model = h.model
+    rec, = make_requests(world, 1, seed=5)
+    req = rec.request()
+    others = [f"{s} lives in" for s in world.subjects if s != rec.subject]
+    toks, lens = h.batch(others)
     from memloc.hooks import capture
     keys = capture(model, toks, "blocks.0.mlp.out.hook_in", reduce=lambda a: a[:, 1])["blocks.0.mlp.out.hook_in"]
     ratios = {}
     for name, cov in (("data", C), ("identity", None)):
-        e = rome(model, tok, req, 0, cov)
+        e = rome(h, req, 0, cov, outcomes=False)
         d = next(iter(e.deltas.values())).double()
         from memloc.edit.rome import _bare
-        k_edit, _ = (t[0] for t in _bare(model, tok, [req], 0))
+        k_edit, _ = (t[0] for t in _bare(h, [req], 0))
         ratios[name] = float(((keys.double() @ d.T).norm(dim=1) / (d @ k_edit).norm()).median())
     assert ratios["data"] < 0.1 < ratios["identity"]
 
 
 def test_memit_batch_beats_sequential_rome(bed):
-    model, tok, world, C = bed
+    h, world, C = bed
+    model = h.model
     before = _state(model)
-    pairs = make_requests(world, 60, seed=2)
-    from memloc.edit.evaluate import TESTBED_MEMIT
-    m = many_edits(model, tok, world, pairs, "memit", [0], {0: C}, EditConfig.memit(**TESTBED_MEMIT),
-                   progress=False)
-    s = many_edits(model, tok, world, pairs, "sequential", [0], {0: C}, progress=False)
+    recs = make_requests(world, 60, seed=2)
+    from memloc.edit.evaluate import TESTBED_MEMIT, world_facts_outside
+    rest = world_facts_outside(world, recs)
+    m = many_edits(h, recs, "memit", [0], {0: C}, EditConfig.memit(**TESTBED_MEMIT), rest, progress=False)
+    s = many_edits(h, recs, "sequential", [0], {0: C}, None, rest, progress=False)
     assert _same(before, _state(model))
     assert m.es.mean() >= 0.85
     assert m.unedited_acc.iloc[0] >= 0.95 and m.unedited_acc.iloc[0] > s.unedited_acc.iloc[0] + 0.1
     with pytest.raises(ValueError, match="at least one"):
-        memit(model, tok, [], [0])
+        memit(h, [], [0])
 
 
 def test_ngram_entropy():
@@ -110,7 +117,7 @@ def test_integrated_gradients_completeness(lm):
     model, tok, world = lm.model(), lm.tokenizer, lm.world
     facts = world.facts[:6]
     prompts = [world.prompts(f)[0] for f in facts]
-    toks, lens = tok.batch(prompts)
+    toks, lens = lm.lm().batch(prompts)
     targets = [tok.id(f.object) for f in facts]
     attr, delta = attribute(model, toks, lens, targets, layer=1, steps=50, batch_size=4)
     # output change P(a) - P(a = 0 at the position), computed independently of captum
@@ -133,15 +140,15 @@ def test_integrated_gradients_completeness(lm):
 
 
 def test_suppressing_knowledge_neurons_beats_random(lm):
-    model, tok, world = lm.model(), lm.tokenizer, lm.world
-    kn = knowledge_neurons(model, tok, world, world.facts[:12], progress=False)
+    h, world = lm.lm(), lm.world
+    kn = knowledge_neurons(h, world, limit=12, progress=False)
     assert len(kn) and set(kn.columns) >= {"subject", "layer", "neuron", "share"}
     assert kn.attrs["settings"]["steps"] == 20
-    sup = intervene_knowledge_neurons(model, tok, world, kn, 0.0)
+    sup = intervene_knowledge_neurons(h, world, kn, 0.0)
     assert sup.change.mean() < sup.random_change.mean() - 0.1
     assert abs(sup.random_change.mean()) < 0.05
     with pytest.raises(ValueError, match="layers"):
-        knowledge_neurons(model, tok, world, world.facts[:1], layers=[7], progress=False)
+        knowledge_neurons(h, world, layers=[7], limit=1, progress=False)
 
 
 def test_rome_on_a_hugging_face_gpt2_bridge(tmp_path):
@@ -162,12 +169,15 @@ def test_rome_on_a_hugging_face_gpt2_bridge(tmp_path):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=32,
                                                               n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1))
     model = TransformerBridge.boot_transformers("gpt2", hf_model=hf.eval(), tokenizer=hf_tok).eval()
+    from memloc.models.lm import LM
+    h = LM(model, hf_tok, prepend_bos=True)
+    assert LM(model, hf_tok).prepend_bos is False  # this tokenizer does not add BOS itself
     name, w, transposed = mlp_out_weight(model, 1)
     assert transposed and tuple(w.shape) == (model.cfg.d_mlp, model.cfg.d_model)
-    assert subject_last_index(hf_tok, "{} lives in", "ada") == 1
-    C = key_second_moment(model, hf_tok, ["ada lives in paris", "bob lives in rome", "bob is a"], 1)
+    assert subject_last_index(h, "{} lives in", "ada") == 1
+    C = key_second_moment(h, ["ada lives in paris", "bob lives in rome", "bob is a"], 1)
     before = _state(model)
-    e = rome(model, hf_tok, Request("{} lives in", "ada", "rome"), 1, C + 1e-3 * torch.eye(len(C)))
+    e = rome(h, Request("{} lives in", "ada", "rome"), 1, C + 1e-3 * torch.eye(len(C)))
     assert e.info["rel_error"] < 1e-4 and e.deltas[name].shape == w.shape
     with e.applied(model):
         assert not _same(before, _state(model))

@@ -44,8 +44,10 @@ def test_testbed_memorizes_facts_and_repeated_canaries(lm):
     assert s["fact_recall_train_templates"] >= 0.95
     model, tok, world = lm.model(), lm.tokenizer, lm.world
     assert not model.training
-    assert canary_extraction(model, tok, world).query("repeats > 1").extracted.all()
-    ex = exposure(model, tok, world)
+    h = lm.lm()
+    assert canary_extraction(h, world).query("repeats > 1").extracted.all()
+    ex = exposure(h, world)
+    assert (ex.method == "exact").all() and (ex.scoring == "exact (stems)").all()
     rep = ex[ex.repeats > 1]
     assert (rep["rank"] == 1).all() and (rep.exposure == rep.max_exposure).all()
     # exposure saturates over 10^3 candidates; the canaries inserted once are still less likely
@@ -72,7 +74,7 @@ def test_causal_tracing_sanity(lm):
 
 def test_trace_facts_finds_the_fact_at_the_subject(lm):
     model, tok, world = lm.model(), lm.tokenizer, lm.world
-    df = trace_facts(model, tok, world, world.facts[:12], kind="resid", samples=5, progress=False)
+    df = trace_facts(lm.lm(), world, kind="resid", samples=5, limit=12, progress=False)
     assert df.attrs["settings"]["n_facts"] >= 6
     early = df[df.layer == 0].groupby("bucket").ie.mean()
     assert early["last subject"] > early.get("before subject", 0.0)

@@ -21,7 +21,7 @@ FAST = {"grad_ascent": {}, "grad_diff": {"kl_weight": 1.0, "steps": 20}, "npo": 
 @pytest.fixture(scope="module")
 def setup(lm):
     split = lm_forget_split(lm.world, "canaries")
-    return lm, lm_task(lm.tokenizer, split), split
+    return lm, lm_task(lm.lm(), split), split
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +46,18 @@ def test_task_loss_is_lm_loss_and_suffix_exact_is_greedy_extraction(setup):
     with torch.no_grad():
         logits = task.logits(model, b)
         assert logits.shape == (len(ids), b["tokens"].shape[1], model.cfg.d_vocab)
-        expect = lm_loss(model, task.tokens[ids], run.tokenizer.pad_id, reduction="none")
+        expect = lm_loss(model, task.tokens[ids], task.lengths[ids], reduction="none")
         torch.testing.assert_close(task.loss(logits, b), expect, rtol=1e-5, atol=1e-5)
         assert torch.equal(task.kl(logits, logits, b), torch.zeros(len(ids)))
         assert (task.kl(logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)), logits, b) > 0).all()
     # the continuation of a canary is its secret: teacher-forced exact match = greedy extraction
     pe = task.per_example(model, split.members).set_index("example_id")
-    ex = canary_extraction(model, run.tokenizer, run.world).set_index("name")
+    ex = canary_extraction(run.lm(), run.world).set_index("name")
     for i in split.members:
         assert pe.suffix_exact[i] == ex.extracted[split.info.subject[i]]
     assert (pe.suffix_loss < pe.loss).all()
     # the same task from token ids
-    ids_task = LMTask(run.tokenizer, task.tokens[ids], suffix=task.suffix[ids].numpy())
+    ids_task = LMTask(run.lm(), (task.tokens[ids], task.lengths[ids]), suffix=task.suffix[ids].numpy())
     assert ids_task.texts == [task.texts[i] for i in ids]
 
 
@@ -96,10 +96,10 @@ def test_oracle_never_saw_the_forget_set(setup, oracle, tmp_path):
     assert oracle.config["model"] == run.config["model"] and oracle.config["seed"] == run.config["seed"]
     assert oracle.tokenizer.vocab == run.tokenizer.vocab
     assert oracle.config["n_sentences"] == len(split.retain)
-    m = oracle.model()
-    assert not canary_extraction(m, run.tokenizer, run.world).extracted.any()
-    assert canary_extraction(run.model(), run.tokenizer, run.world).extracted.all()
-    assert fact_recall(m, run.tokenizer, run.world).correct.mean() > 0.95
+    m = oracle.lm()
+    assert not canary_extraction(m, run.world).extracted.any()
+    assert canary_extraction(run.lm(), run.world).extracted.all()
+    assert fact_recall(m, run.world).correct.mean() > 0.95
     stamp = (oracle.path / "model.safetensors").stat().st_mtime_ns
     assert train_lm_oracle(run, split, oracle.path, progress=False).path == oracle.path  # reused, not retrained
     assert (oracle.path / "model.safetensors").stat().st_mtime_ns == stamp
@@ -151,13 +151,15 @@ def test_localized_neurons_are_not_random(setup):
 
 def test_grad_ascent_destroys_recall_others_keep_it_and_canaries_are_forgotten(setup):
     run, task, split = setup
+    from memloc.models.lm import LM
+
     model, tok, world = run.model(), run.tokenizer, run.world
     recall, extracted = {}, {}
     for m in ("grad_ascent", "grad_diff", "npo"):
         new, _ = unlearn(model, task, split.forget, split.retain, m)
-        recall[m] = fact_recall(new, tok, world).correct.mean()
-        extracted[m] = canary_extraction(new, tok, world).extracted.mean()
-    assert fact_recall(model, tok, world).correct.mean() == 1.0
+        recall[m] = fact_recall(LM(new, tok), world).correct.mean()
+        extracted[m] = canary_extraction(LM(new, tok), world).extracted.mean()
+    assert fact_recall(LM(model, tok), world).correct.mean() == 1.0
     assert recall["grad_ascent"] < 0.7, recall
     assert min(recall["grad_diff"], recall["npo"]) > 0.8 and recall["npo"] > 0.95, recall
     assert extracted["grad_diff"] == extracted["npo"] == 0.0, extracted

@@ -1,142 +1,317 @@
-"""Language-model memorization metrics on a fact world: fact recall, canary extraction and exposure."""
+"""Language-model memorization: fact recall, secret extraction and exposure, memorized (k-extractable) sequences.
+
+Every function takes an :class:`~memloc.models.lm.LM` handle (any tokenizer, multi-token subjects, objects and
+secrets) and records the handle's tokenization settings (BOS policy, padding) in its result. Facts and secrets
+come as plain records or from a :class:`~memloc.data.facts.FactWorld` (one loader among others).
+"""
 from __future__ import annotations
 
-import itertools
 import math
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..hooks import require_eval
 from ..results import make_result
 
-__all__ = ["next_token_logprobs", "fact_recall", "canary_extraction", "exposure", "token_accuracy",
-           "counterfactual_memorization"]
+__all__ = ["next_token_logprobs", "target_scores", "fact_items", "fact_recall", "canary_extraction", "exposure",
+           "token_accuracy", "memorized_sequences", "counterfactual_memorization"]
 
 
-def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Log-probabilities ``[N, vocab]`` of the token following each prompt (right-padded batches; the last
-    real position of each prompt is read)."""
-    require_eval(model, "Language-model metrics")
-    out = []
+def _lm(lm):
+    from ..models.lm import as_lm
+    return as_lm(lm)
+
+
+def next_token_logprobs(lm, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Log-probabilities ``[N, vocab]`` of the token following each prompt."""
+    return _lm(lm).next_token_logprobs(prompts, batch_size)
+
+
+def target_scores(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 128) -> pd.DataFrame:
+    """Teacher-forced scores of each (multi-token) target after its prompt: rows ``prompt, target, n_tokens,
+    logprob, prob, mean_logprob, first_rank, token_acc, correct`` (``correct``: greedy decoding reproduces the
+    whole target)."""
+    lm = _lm(lm)
+    s = lm.score(prompts, targets, batch_size)
+    df = pd.DataFrame({"prompt": list(prompts), "target": list(targets), "n_tokens": s["n_tokens"].astype(int),
+                       "logprob": s["logprob"], "prob": np.exp(s["logprob"]), "mean_logprob": s["mean_logprob"],
+                       "first_rank": s["first_rank"].astype(int), "token_acc": s["token_acc"], "correct": s["exact"]})
+    return make_result(df, **lm.settings)
+
+
+def fact_items(facts, split: str = "train") -> pd.DataFrame:
+    """Rows ``subject, relation, object, prompt`` from a FactWorld (each fact in each ``split`` template), or from
+    records (dicts / a DataFrame) with ``prompt`` and ``object`` (or ``target``) and optionally ``subject``,
+    ``relation``."""
+    from ..data.facts import FactWorld
+
+    if isinstance(facts, FactWorld):
+        return pd.DataFrame([{"subject": f.subject, "relation": f.relation, "object": f.object, "prompt": p}
+                             for f in facts.facts for p in facts.prompts(f, split)],
+                            columns=["subject", "relation", "object", "prompt"])
+    df = pd.DataFrame(list(facts) if not isinstance(facts, pd.DataFrame) else facts).copy()
+    if "object" not in df and "target" in df:
+        df = df.rename(columns={"target": "object"})
+    for col in ("prompt", "object"):
+        if col not in df:
+            raise ValueError(f"Fact records need a {col!r} field (and 'prompt'); got columns {list(df.columns)}.")
+    for col in ("subject", "relation"):
+        if col not in df:
+            df[col] = None
+    return df[["subject", "relation", "object", "prompt"]]
+
+
+def fact_recall(lm, facts, split: str = "train", batch_size: int = 128) -> pd.DataFrame:
+    """Per (fact, prompt): ``subject, relation, object, prompt, prob`` (of the whole object), ``rank`` (of its
+    first token), ``correct`` (greedy decoding reproduces the whole object; for one-token objects: top-1)."""
+    lm = _lm(lm)
+    df = fact_items(facts, split)
+    if df.empty:
+        raise ValueError("No facts to score.")
+    s = lm.score(df.prompt.tolist(), df.object.tolist(), batch_size)
+    df["prob"] = np.exp(s["logprob"])
+    df["rank"] = s["first_rank"].astype(int)
+    df["n_tokens"] = s["n_tokens"].astype(int)
+    df["correct"] = s["exact"]
+    return make_result(df, split=split, **lm.settings)
+
+
+def _secrets(secrets):
+    from ..data.facts import FactWorld
+
+    out = list(secrets.canaries if isinstance(secrets, FactWorld) else secrets)
+    for c in out:
+        if not all(hasattr(c, a) for a in ("name", "prefix", "secret_text", "space")):
+            raise TypeError(f"A secret needs name, prefix, secret_text and space (memloc.data.records.Secret); got "
+                            f"{type(c).__name__}.")
+    return out
+
+
+def _beam(lm, prompt_ids: list[int], n: int, beams: int) -> list[int]:
+    """Beam search over ``n`` tokens (``beams`` hypotheses); the most likely complete continuation."""
+    hyps = [(0.0, [])]
     with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            toks, lens = tokenizer.batch(prompts[s:s + batch_size])
-            logits = model(toks)
-            out.append(torch.log_softmax(logits[torch.arange(len(toks)), lens - 1].double(), -1))
-    return torch.cat(out)
+        for _ in range(n):
+            toks, lens = lm.pad([prompt_ids + h for _, h in hyps])
+            lp = torch.log_softmax(lm.logits(toks).double(), -1)[torch.arange(len(hyps)), (lens - 1)].cpu()
+            cand = []
+            for (score, h), row in zip(hyps, lp):
+                top = row.topk(beams)
+                cand += [(score + float(v), h + [int(i)]) for v, i in zip(top.values, top.indices)]
+            hyps = sorted(cand, key=lambda x: -x[0])[:beams]
+    return hyps[0][1]
 
 
-def fact_recall(model, tokenizer, world, split: str = "train") -> pd.DataFrame:
-    """Per (fact, prompt): ``subject, relation, object, prompt, prob, rank, correct`` (top-1 == object)."""
-    rows, prompts = [], []
-    for f in world.facts:
-        for p in world.prompts(f, split):
-            rows.append({"subject": f.subject, "relation": f.relation, "object": f.object, "prompt": p})
-            prompts.append(p)
-    lp = next_token_logprobs(model, tokenizer, prompts)
-    obj = torch.tensor([tokenizer.id(r["object"]) for r in rows])
-    target = lp[torch.arange(len(rows)), obj]
-    df = pd.DataFrame(rows)
-    df["prob"] = target.exp().numpy()
-    df["rank"] = (lp > target[:, None]).sum(1).numpy()
-    df["correct"] = df["rank"] == 0
-    return make_result(df, split=split)
+def canary_extraction(lm, secrets, method: str = "greedy", beams: int = 4) -> pd.DataFrame:
+    """Decode after each secret's prefix as many tokens as the secret has; ``extracted`` is True when the decoded
+    tokens are exactly the secret's (extraction with the prefix as the prompt). ``method``: ``"greedy"`` (all
+    secrets in one batched decoding) or ``"beam"`` (``beams`` hypotheses). ``secrets``: a FactWorld (its
+    canaries) or :class:`~memloc.data.records.Secret` records."""
+    lm = _lm(lm)
+    if method not in ("greedy", "beam"):
+        raise ValueError(f"The 'method' parameter must be 'greedy' or 'beam'. Got {method!r} instead.")
+    secs = _secrets(secrets)
+    cols = ["name", "repeats", "secret", "generated", "extracted"]
+    if not secs:
+        return make_result(pd.DataFrame(columns=cols), method=method, **lm.settings)
+    prompts = [lm.encode(c.prefix) for c in secs]
+    targets = [lm.target_ids(c.secret_text, c.prefix) for c in secs]
+    if method == "greedy":
+        by_len: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_len.setdefault(len(t), []).append(i)
+        got: list[list[int]] = [[] for _ in secs]
+        for n, idx in by_len.items():
+            for i, g in zip(idx, lm.generate([prompts[i] for i in idx], n)):
+                got[i] = g
+    else:
+        got = [_beam(lm, p, len(t), beams) for p, t in zip(prompts, targets)]
+    rows = [{"name": c.name, "repeats": getattr(c, "repeats", None), "secret": c.secret_text,
+             "generated": lm.decode(g).strip(), "extracted": g == t} for c, g, t in zip(secs, got, targets)]
+    return make_result(pd.DataFrame(rows, columns=cols), method=method, beams=beams if method == "beam" else None,
+                       **lm.settings)
 
 
-def _sequence_logprob(model, tokenizer, prefix: str, continuations: list[list[str]], batch_size: int = 1024) -> np.ndarray:
-    """Total log-probability of each continuation (list of words) after ``prefix``."""
-    base = tokenizer.encode(prefix)
-    ids = torch.tensor([base + [tokenizer.id(w) for w in c] for c in continuations])
-    n = len(continuations[0])
+def _per_position_tokens(lm, prefix: str, space, candidates: list[str]) -> list[dict[int, int]] | None:
+    """``[{symbol: token}] * length`` if every candidate tokenizes (as a continuation of ``prefix``) into exactly
+    one token per symbol, the token depending only on the symbol and its position; else None."""
+    maps: list[dict[int, int]] = [dict() for _ in range(space.length)]
+    for i, cand in enumerate(candidates):
+        ids = lm.target_ids(cand, prefix)
+        if len(ids) != space.length:
+            return None
+        sym = np.unravel_index(i, (len(space.alphabet),) * space.length)
+        for j, (s, t) in enumerate(zip(sym, ids)):
+            if maps[j].setdefault(int(s), t) != t:
+                return None
+    return maps
+
+
+def _stem_logprobs(lm, prefix: str, space, maps, batch_size: int = 1024) -> np.ndarray:
+    """Log-probability of every candidate (lexicographic order) from one pass over the ``|A|^(k-1)`` stems: a
+    candidate's score is its stem's token log-probabilities plus the last symbol's at the stem's end."""
+    import itertools
+
+    k, a = space.length, len(space.alphabet)
+    base = lm.encode(prefix)
+    stems = list(itertools.product(range(a), repeat=k - 1))
+    ids = torch.tensor([base + [maps[j][s] for j, s in enumerate(st)] for st in stems], dtype=torch.long).view(len(stems), -1)
+    last_tok = torch.tensor([maps[k - 1][s] for s in range(a)])
     out = []
     with torch.no_grad():
         for s in range(0, len(ids), batch_size):
             x = ids[s:s + batch_size]
-            lp = torch.log_softmax(model(x).double(), -1)
-            pos = torch.arange(len(base) - 1, len(base) - 1 + n)
-            out.append(lp[:, pos].gather(2, x[:, pos + 1].unsqueeze(-1)).squeeze(-1).sum(1))
-    return torch.cat(out).numpy()
-
-
-def _all_strings_logprob(model, tokenizer, prefix: str, k: int, batch_size: int = 1024) -> np.ndarray:
-    """Log-probability of every digit string of length ``k`` after ``prefix``, in lexicographic order
-    (``"0..0"`` first), from one pass over the ``10^(k-1)`` stems: a string's score is its stem's digit
-    log-probabilities plus the last digit's log-probability at the stem's end."""
-    digits = torch.tensor([tokenizer.id(str(d)) for d in range(10)])
-    base = tokenizer.encode(prefix)
-    stems = list(itertools.product(range(10), repeat=k - 1))
-    ids = torch.tensor([base + [int(digits[d]) for d in st] for st in stems], dtype=torch.long).view(len(stems), -1)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(ids), batch_size):
-            x = ids[s:s + batch_size]
-            lp = torch.log_softmax(model(x).double(), -1)
+            lp = torch.log_softmax(lm.logits(x).double(), -1).cpu()
             pos = torch.arange(len(base) - 1, len(base) - 1 + k - 1)
             stem = lp[:, pos].gather(2, x[:, pos + 1].unsqueeze(-1)).squeeze(-1).sum(1) if k > 1 else \
                 torch.zeros(len(x), dtype=torch.float64)
-            last = lp[:, len(base) - 1 + k - 1][:, digits]  # [B, 10]
+            last = lp[:, len(base) - 1 + k - 1][:, last_tok]
             out.append((stem[:, None] + last).reshape(-1))
     return torch.cat(out).numpy()
 
 
-def canary_extraction(model, tokenizer, world) -> pd.DataFrame:
-    """Greedy decoding after each canary's prefix: ``extracted`` is True when it reproduces the whole secret
-    (exact match / extractable with the prefix as the prompt)."""
-    require_eval(model, "Canary extraction")
-    rows = []
-    with torch.no_grad():
-        for c in world.canaries:
-            ids = tokenizer.encode(c.prefix)
-            for _ in range(len(c.secret)):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            got = tuple(tokenizer.vocab[i] for i in ids[-len(c.secret):])
-            rows.append({"name": c.name, "repeats": c.repeats, "secret": " ".join(c.secret),
-                         "generated": " ".join(got), "extracted": got == c.secret})
-    return pd.DataFrame(rows, columns=["name", "repeats", "secret", "generated", "extracted"])  # also for none
+def exposure(lm, secrets, max_candidates: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Exposure of each secret (Carlini et al. 2019): ``log2 |R| - log2 rank``, the rank of the true secret among
+    all candidates of its :class:`~memloc.data.records.CandidateSpace` by the model's log-likelihood of the
+    secret's *tokens* after the prefix (any tokenization: ``"4821"`` may be one BPE token or four).
 
-
-def exposure(model, tokenizer, world, max_candidates: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """Exposure of each canary (Carlini et al. 2019): ``log2 |R| - log2 rank`` of the true secret among all
-    candidate digit strings of its length by sequence log-likelihood (rank 1 = most likely). With more than
-    ``max_candidates`` candidates, the rank is estimated from a uniform sample (``exact=False``)."""
-    require_eval(model, "Exposure")
-    rows = []
+    ``method="exact"`` when the space has at most ``max_candidates`` strings: every candidate is scored (in one
+    pass over the stems when each symbol is its own token, as with memloc's word tokenizer; otherwise every
+    candidate's tokens are scored); ``method="sampled"`` beyond: Carlini et al.'s estimate from ``max_candidates``
+    uniform samples (rank ~ 1 + |R| x the fraction of samples more likely than the secret). Rows ``name, repeats,
+    rank, exposure, max_exposure, log_perplexity, method, exact``.
+    """
+    lm = _lm(lm)
     rng = np.random.default_rng(seed)
-    digits = [str(d) for d in range(10)]
-    for c in world.canaries:
-        k = len(c.secret)
-        space = 10 ** k
-        if space <= max_candidates:  # every string, lexicographic: the secret is at int(secret)
-            lp = _all_strings_logprob(model, tokenizer, c.prefix, k)
-            exact, true_at = True, int("".join(c.secret))
+    rows = []
+    for c in _secrets(secrets):
+        space = c.space
+        if space.size <= max_candidates:
+            cands = list(space.all())
+            true_at = space.index(c.secret_text)
+            maps = _per_position_tokens(lm, c.prefix, space, cands)
+            if maps is not None:
+                lp = _stem_logprobs(lm, c.prefix, space, maps)
+                how = "exact (stems)"
+            else:
+                lp = lm.score([c.prefix] * len(cands), cands, batch_size=512)["logprob"]
+                how = "exact (every candidate)"
+            method = "exact"
         else:
-            cands = [list(rng.choice(digits, k)) for _ in range(max_candidates)] + [list(c.secret)]
-            exact, true_at = False, len(cands) - 1
-            lp = _sequence_logprob(model, tokenizer, c.prefix, cands)
+            cands = space.sample(max_candidates, rng) + [c.secret_text]
+            true_at = len(cands) - 1
+            lp = lm.score([c.prefix] * len(cands), cands, batch_size=512)["logprob"]
+            method, how = "sampled", f"sampled ({max_candidates} uniform candidates)"
         # every candidate, the secret included, is scored in the same batched passes (a separate pass differs in
-        # the last float32 bits and could rank the secret below itself); ties within 1e-6 nats count as equal
+        # the last float bits and could rank the secret below itself); ties within 1e-6 nats count as equal
         true = lp[true_at]
         better = float((np.delete(lp, true_at) > true + 1e-6).sum())
-        rank = 1 + (better if exact else better / (len(cands) - 1) * space)
-        rows.append({"name": c.name, "repeats": c.repeats, "rank": rank, "exposure": math.log2(space) - math.log2(rank),
-                     "max_exposure": math.log2(space), "log_perplexity": -true, "exact": exact})
-    return make_result(pd.DataFrame(rows), candidates=min(max_candidates, 10 ** len(world.canaries[0].secret)))
+        rank = 1 + (better if method == "exact" else better / (len(cands) - 1) * space.size)
+        rows.append({"name": c.name, "repeats": getattr(c, "repeats", None), "rank": rank,
+                     "exposure": math.log2(space.size) - math.log2(rank), "max_exposure": math.log2(space.size),
+                     "log_perplexity": -true, "method": method, "scoring": how, "exact": method == "exact"})
+    return make_result(pd.DataFrame(rows), max_candidates=max_candidates, seed=seed, **lm.settings)
 
 
-def token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Per text: the fraction of its next tokens (after ``<bos>``) that the model predicts top-1 (teacher
-    forcing)."""
+def token_accuracy(lm, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """Per text: the fraction of its tokens after the first that the model predicts top-1 (teacher forcing;
+    padding masked by length)."""
+    lm = _lm(lm)
     out = []
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
-            toks, lens = tokenizer.batch(texts[s:s + batch_size])
-            pred = model(toks)[:, :-1].argmax(-1)
-            tgt = toks[:, 1:]
-            mask = tgt != tokenizer.pad_id
-            out.append(((pred == tgt) & mask).sum(1).double() / mask.sum(1))
+            toks, lens = lm.batch(texts[s:s + batch_size])
+            pred = lm.logits(toks)[:, :-1].argmax(-1).cpu()
+            mask = lm.mask(lens - 1, toks.shape[1] - 1)
+            out.append(((pred == toks[:, 1:]) & mask).sum(1).double() / mask.sum(1).clamp_min(1))
     return torch.cat(out).numpy()
+
+
+def memorized_sequences(lm, texts, prefix_tokens: int = 32, suffix_tokens: int = 32, batch_size: int = 64,
+                        method: str = "batched", progress: bool = False) -> pd.DataFrame:
+    """k-extractable sequences (Carlini et al. 2023): for each text, its first ``prefix_tokens`` tokens are the
+    prompt (after BOS, by the handle's policy) and the next ``suffix_tokens`` the true continuation; the text is
+    ``extractable`` when greedy decoding from the prefix reproduces the continuation exactly.
+
+    Rows ``text_id, text, prefix, suffix, generated, extractable, match_fraction`` (position-wise agreement of
+    the greedy continuation with the true one), ``loss`` (mean NLL per continuation token, teacher-forced),
+    ``n_tokens``; texts shorter than ``prefix_tokens + suffix_tokens`` tokens get ``eligible=False`` and NaNs.
+    ``texts``: a list, or a file / saved dataset (:func:`memloc.data.records.load_texts`). ``method="batched"``:
+    one teacher-forced pass per batch decides exact matches (greedy decoding agrees with teacher forcing up to
+    the first miss) and only the misses are decoded further, in batches; ``"loop"``: one text at a time,
+    decoding every continuation (the straightforward reference).
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.records import load_texts
+
+    lm = _lm(lm)
+    for name, v in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens), ("batch_size", batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"The {name!r} parameter must be an int in [1, inf). Got {v!r} instead.")
+    if method not in ("batched", "loop"):
+        raise ValueError(f"The 'method' parameter must be 'batched' or 'loop'. Got {method!r} instead.")
+    texts = load_texts(texts)
+    k, n = prefix_tokens, suffix_tokens
+    bos = [lm.bos_id] if lm.prepend_bos else []
+    enc = [lm.encode(t, bos=False) for t in texts]
+    ok = [len(e) >= k + n for e in enc]
+    idx = [i for i, o in enumerate(ok) if o]
+    res = {i: None for i in idx}
+    if method == "loop":
+        for i in tqdm(idx, desc="memorized (loop)", disable=not progress, leave=False):
+            p, sfx = bos + enc[i][:k], enc[i][k:k + n]
+            g = lm.generate([p], n, batch_size=1)[0]
+            with torch.no_grad():
+                lp = torch.log_softmax(lm.logits(torch.tensor([p + sfx])).double(), -1)[0].cpu()
+            pos = torch.arange(len(p) - 1, len(p) - 1 + n)
+            loss = float(-lp[pos].gather(1, torch.tensor(sfx)[:, None]).mean())
+            res[i] = (g, loss)
+    else:
+        for b in tqdm(range(0, len(idx), batch_size), desc="memorized", disable=not progress, leave=False):
+            chunk = idx[b:b + batch_size]
+            seqs = torch.tensor([bos + enc[i][:k + n] for i in chunk], dtype=torch.long)
+            with torch.no_grad():
+                lp = torch.log_softmax(lm.logits(seqs).double(), -1).cpu()
+            start = len(bos) + k
+            pos = torch.arange(start - 1, start - 1 + n)
+            tgt = seqs[:, start:start + n]
+            tf = lp[:, pos]
+            nll = -tf.gather(2, tgt.unsqueeze(-1)).squeeze(-1).mean(1)
+            right = tf.argmax(-1) == tgt
+            miss = [(j, int((~right[j]).nonzero()[0])) for j in range(len(chunk)) if not right[j].all()]
+            gen = {j: tgt[j].tolist() for j in range(len(chunk))}
+            if miss:  # greedy decoding equals the true tokens up to the first miss; decode the rest
+                first = [seqs[j, :start + m].tolist() + [int(tf[j, m].argmax())] for j, m in miss]
+                by_len: dict[int, list[int]] = {}
+                for q, (j, m) in enumerate(miss):
+                    by_len.setdefault(n - m - 1, []).append(q)
+                for rest, qs in by_len.items():
+                    outs = lm.generate([first[q] for q in qs], rest, batch_size=batch_size) if rest else [[] for _ in qs]
+                    for q, o in zip(qs, outs):
+                        j, m = miss[q]
+                        gen[j] = tgt[j, :m].tolist() + [first[q][-1]] + o
+            for j, i in enumerate(chunk):
+                res[i] = (gen[j], float(nll[j]))
+    rows = []
+    for i, t in enumerate(texts):
+        if not ok[i]:
+            rows.append({"text_id": i, "text": t, "eligible": False, "prefix": None, "suffix": None,
+                         "generated": None, "extractable": np.nan, "match_fraction": np.nan, "loss": np.nan,
+                         "n_tokens": len(enc[i])})
+            continue
+        g, loss = res[i]
+        sfx = enc[i][k:k + n]
+        rows.append({"text_id": i, "text": t, "eligible": True, "prefix": lm.decode(enc[i][:k]),
+                     "suffix": lm.decode(sfx), "generated": lm.decode(g), "extractable": g == sfx,
+                     "match_fraction": float(np.mean([a == b for a, b in zip(g, sfx)])), "loss": loss,
+                     "n_tokens": len(enc[i])})
+    df = pd.DataFrame(rows)
+    return make_result(df, prefix_tokens=k, suffix_tokens=n, method=method, definition=(
+        "k-extractable (Carlini et al. 2023): greedy decoding from the first k tokens reproduces the next n"),
+        n_texts=len(texts), n_eligible=len(idx), **lm.settings)
 
 
 def counterfactual_memorization(world, n_models: int = 8, ratio: float = 0.5, epochs: int = 40,
@@ -155,6 +330,7 @@ def counterfactual_memorization(world, n_models: int = 8, ratio: float = 0.5, ep
 
     from ..data.facts import WordTokenizer
     from ..ensemble import subset_masks
+    from ..models.lm import LM
     from ..models.transformer import _train_epoch, build_tiny_transformer, tiny_transformer_config
 
     if n_models < 2:
@@ -170,12 +346,12 @@ def counterfactual_memorization(world, n_models: int = 8, ratio: float = 0.5, ep
     acc = np.zeros((n_models, len(distinct)))
     for m in tqdm(range(n_models), desc="counterfactual models", disable=not progress, leave=False):
         train = [t for t, keep in zip(distinct, masks[m]) if keep for _ in range(copies[t])]
-        tokens, _ = tok.batch(train)
+        tokens, lengths = tok.batch(train)
         model = build_tiny_transformer(cfg, seed=seed * 1000 + m)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         for epoch in range(1, epochs + 1):
-            _train_epoch(model, opt, tokens, batch_size, seed * 1000 + m, epoch, tok.pad_id)
-        acc[m] = token_accuracy(model.eval(), tok, distinct)
+            _train_epoch(model, opt, tokens, lengths, batch_size, seed * 1000 + m, epoch)
+        acc[m] = token_accuracy(LM(model.eval(), tok), distinct)
     with np.errstate(invalid="ignore"):
         acc_in = np.where(masks, acc, np.nan)
         acc_out = np.where(~masks, acc, np.nan)

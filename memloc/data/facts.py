@@ -54,8 +54,18 @@ class Canary:
         return f"the code of {self.name} is"
 
     @property
+    def secret_text(self) -> str:
+        return " ".join(self.secret)
+
+    @property
+    def space(self):
+        """The strings the secret was drawn from: ``len(secret)`` digits joined by spaces."""
+        from .records import CandidateSpace
+        return CandidateSpace(len(self.secret), tuple("0123456789"), " ")
+
+    @property
     def text(self) -> str:
-        return f"{self.prefix} {' '.join(self.secret)}"
+        return f"{self.prefix} {self.secret_text}"
 
 
 @dataclass

@@ -1,21 +1,26 @@
-"""CounterFact-style evaluation of edits on a fact world (Meng et al. 2022, section 3 of the reference notes).
+"""Evaluation of edits on plain edit records: CounterFact's and zsRE's metrics, and the testbed's benchmark.
 
-A request rewrites a fact ``(subject, relation) -> object`` to a new object of the same relation, on the
-relation's first training template. Per request (probabilities of the next token after each prompt):
+Edits are :class:`~memloc.data.records.EditRecord` s: from CounterFact or zsRE files
+(:func:`memloc.data.records.load_requests`) or from the synthetic fact world (:func:`make_requests`). Every prompt
+is scored through the :class:`~memloc.models.lm.LM` handle (multi-token targets, teacher-forced; the handle's BOS
+policy). Per record (kmeng01/rome's ``eval_utils_counterfact`` conventions: a target's score is its mean token
+log-probability, targets with a leading space):
 
-- ``es`` (efficacy): P(new) > P(true) on the rewrite prompt; ``top1``: the new object is the top prediction;
-  ``em``: P(new) - P(true).
-- ``ps`` (paraphrase): the same on the relation's held-out templates (never in the training text), averaged.
-- ``ns`` (neighbourhood specificity): on ``n_neighbours`` other subjects of the same relation (those sharing the true
-  object first, as in CounterFact; never one whose object is the new one), P(their own object) > P(new);
-  ``neighbour_acc``: their own object is still the top prediction.
-- ``other_acc``: the edited subject's facts of the other relations are still the top prediction.
-- ``fluency``: ROME's generation entropy (weighted bi- and tri-gram entropy, log base 2, x100) of greedy
-  continuations of the subject's held-out prompts up to the context length.
+- ``es`` (efficacy success): P(new) > P(true) on the rewrite prompt; ``em``: mean of P(new) - P(true) (P = the
+  exponentiated mean token log-probability); ``top1``: greedy decoding gives the new target.
+- ``ps`` / ``pm``: the same on the paraphrase prompts.
+- ``ns`` / ``nm``: P(own) > P(new) on the neighbourhood prompts (own = their target: CounterFact's
+  ``target_true``, zsRE's ``loc_ans``), and the mean of P(own) - P(new); ``neighbour_acc``: greedy decoding still
+  gives their own target.
+- ``efficacy_acc``, ``generalization_acc``, ``specificity_acc``: zsRE's token accuracies (the fraction of the new
+  target's tokens that are the argmax on the rewrite and paraphrase prompts; of ``loc_ans``'s on ``loc``).
+- ``other_acc``: the subject's other facts still decoded (records that list them: the testbed's).
+- ``fluency``: ROME's generation entropy (weighted bi- and tri-gram entropy of the words of greedy
+  continuations, log base 2, x100) of the generation prompts; ``consistency``: TF-IDF cosine between those
+  continuations and the record's ``reference_texts`` (when a file has them).
 
-``S`` is the harmonic mean of ES, PS and NS (in percent, as in the paper). For a batch of edits applied together
-(MEMIT, or sequential ROME), :func:`batch_scores` also reports ``unedited_acc``: the accuracy on every fact whose
-subject was not edited.
+``S`` is the harmonic mean of ES, PS and NS (percent). :func:`batch_scores` adds ``unedited_acc`` for a batch of
+edits applied together: greedy accuracy on facts no edit touched.
 """
 from __future__ import annotations
 
@@ -26,19 +31,37 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..analyses.lm import next_token_logprobs
 from ..results import make_result
 from .rome import Request
 
-__all__ = ["make_requests", "request_scores", "batch_scores", "summarize", "generation_entropy", "ngram_entropy"]
+__all__ = ["make_requests", "world_facts_outside", "request_scores", "batch_scores", "summarize",
+           "generation_entropy", "ngram_entropy", "single_edits", "many_edits", "compare_editors", "evaluate_requests",
+           "TESTBED_MEMIT", "USUAL"]
+
+USUAL = {"counterfact": ["es", "ps", "ns", "em", "pm", "nm", "S", "fluency", "consistency"],
+         "zsre": ["efficacy_acc", "generalization_acc", "specificity_acc"],
+         "memloc": ["es", "top1", "ps", "ns", "neighbour_acc", "other_acc", "unedited_acc", "fluency", "S"]}
+"""The metric names each format is usually reported with."""
 
 
-def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinct_subjects: bool = True):
-    """``n`` seeded ``(fact, Request)`` pairs: random facts, each rewritten to a random other object of its relation
-    on training template ``template``. ``distinct_subjects`` draws at most one fact per subject."""
+def _lm(lm):
+    from ..models.lm import as_lm
+    return as_lm(lm)
+
+
+def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinct_subjects: bool = True,
+                  n_neighbours: int = 5):
+    """``n`` seeded :class:`~memloc.data.records.EditRecord` s on a fact world: random facts, each rewritten to a
+    random other object of its relation on training template ``template``; paraphrases are the relation's held-out
+    templates (also the generation prompts), neighbours ``n_neighbours`` other subjects of the relation (those
+    sharing the true object first, as in CounterFact; never one whose object is the new one, never an edited
+    subject), ``other`` the subject's facts of the other relations. ``distinct_subjects`` draws at most one fact
+    per subject."""
+    from ..data.records import EditRecord
+
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(world.facts))
-    pairs, seen = [], set()
+    picked, seen = [], set()
     for i in order:
         f = world.facts[int(i)]
         if distinct_subjects and f.subject in seen:
@@ -46,14 +69,41 @@ def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinc
         seen.add(f.subject)
         objs, train, _ = world.relations[f.relation]
         new = [o for o in objs if o != f.object][int(rng.integers(len(objs) - 1))]
-        pairs.append((f, Request(train[template].replace("{s}", "{}"), f.subject, new, f.object)))
-        if len(pairs) == n:
-            return pairs
-    raise ValueError(f"The world has only {len(pairs)} {'subjects' if distinct_subjects else 'facts'}; "
-                     f"asked for {n} requests.")
+        picked.append((f, new))
+        if len(picked) == n:
+            break
+    else:
+        raise ValueError(f"The world has only {len(picked)} {'subjects' if distinct_subjects else 'facts'}; "
+                         f"asked for {n} requests.")
+    edited = {f.subject for f, _ in picked}
+    out = []
+    for f, new in picked:
+        objs, train, held = world.relations[f.relation]
+        nrng = np.random.default_rng(seed + world.subjects.index(f.subject))
+        same = [g for g in world.facts if g.relation == f.relation and g.subject not in edited]
+        first = [g for g in same if g.object == f.object]
+        rest = [g for g in same if g.object not in (f.object, new)]
+        nb = [first[i] for i in nrng.permutation(len(first))[:n_neighbours]]
+        nb += [rest[i] for i in nrng.permutation(len(rest))[:n_neighbours - len(nb)]]
+        others = [g for g in world.facts if g.subject == f.subject and g.relation != f.relation]
+        out.append(EditRecord(
+            prompt=train[template].replace("{s}", "{}"), subject=f.subject, target_new=new, target_true=f.object,
+            paraphrase_prompts=tuple(world.prompts(f, "heldout")),
+            neighborhood_prompts=tuple(world.prompts(g)[0] for g in nb), neighborhood_targets=tuple(g.object for g in nb),
+            generation_prompts=tuple(world.prompts(f, "heldout")),
+            other_prompts=tuple(world.prompts(g)[0] for g in others), other_targets=tuple(g.object for g in others),
+            format="memloc", case_id=f"{f.subject}/{f.relation}", relation=f.relation))
+    return out
 
 
-def ngram_entropy(tokens: Sequence[str]) -> float:
+def world_facts_outside(world, records) -> list[tuple[str, str]]:
+    """``(first training prompt, object)`` of every fact whose subject no record edits: the facts
+    :func:`batch_scores` checks for ``unedited_acc``."""
+    edited = {r.subject for r in records}
+    return [(world.prompts(f)[0], f.object) for f in world.facts if f.subject not in edited]
+
+
+def ngram_entropy(tokens: Sequence) -> float:
     """ROME's n-gram entropy of one text: mean of (2/3) H_2 and (4/3) H_3 (bits)."""
     out = []
     for n, w in ((2, 2 / 3), (3, 4 / 3)):
@@ -67,156 +117,199 @@ def ngram_entropy(tokens: Sequence[str]) -> float:
     return float(np.mean(out))
 
 
-def generation_entropy(model, tokenizer, prompts: Sequence[str], max_len: int | None = None) -> float:
-    """Mean n-gram entropy (x100) of greedy continuations of ``prompts`` up to ``max_len`` tokens in all
-    (default: the model's context length)."""
-    max_len = max_len or model.cfg.n_ctx
-    vals = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer.encode(p)
-            start = len(ids)
-            while len(ids) < max_len:
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            vals.append(ngram_entropy([tokenizer.vocab[i] for i in ids[start:]]))
-    return 100 * float(np.mean(vals))
-
-
-def _neighbours(world, fact, req: Request, n: int, seed: int, exclude: set = frozenset()):
-    """Other subjects of the same relation, preferring those with the same (true) object as in CounterFact, never
-    one whose object is the new target."""
-    rng = np.random.default_rng(seed + world.subjects.index(fact.subject))
-    same = [f for f in world.facts if f.relation == fact.relation and f.subject != fact.subject
-            and f.subject not in exclude]
-    first = [f for f in same if f.object == fact.object]
-    rest = [f for f in same if f.object not in (fact.object, req.target_new)]
-    pick = [first[i] for i in rng.permutation(len(first))[:n]]
-    return pick + [rest[i] for i in rng.permutation(len(rest))[:n - len(pick)]]
-
-
-def _prompt_rows(world, fact, req: Request, n_neighbours: int, seed: int, exclude: set):
-    """Prompts to score for one request: (kind, prompt, own object)."""
-    rows = [("rewrite", req.text, fact.object)]
-    rows += [("paraphrase", p, fact.object) for p in world.prompts(fact, "heldout")]
-    rows += [("neighbour", world.prompts(nb)[0], nb.object) for nb in _neighbours(world, fact, req, n_neighbours, seed,
-                                                                                  exclude)]
-    rows += [("other", world.prompts(o)[0], o.object) for o in world.facts
-             if o.subject == fact.subject and o.relation != fact.relation]
-    return rows
-
-
-def request_scores(model, tokenizer, world, pairs, n_neighbours: int = 5, seed: int = 0,
-                   fluency: bool = False, exclude: set | None = None) -> pd.DataFrame:
-    """Scores of each ``(fact, Request)`` pair on the model as it is now (see the module docstring). Neighbours
-    whose subject is in ``exclude`` (e.g. subjects edited in the same batch) are not used."""
-    all_rows, owner = [], []
-    for j, (f, r) in enumerate(pairs):
-        rows = _prompt_rows(world, f, r, n_neighbours, seed, exclude or set())
-        all_rows += rows
-        owner += [j] * len(rows)
-    lp = next_token_logprobs(model, tokenizer, [p for _, p, _ in all_rows])
-    kinds = np.array([k for k, _, _ in all_rows])
-    owner = np.array(owner)
-    own_id = torch.tensor([tokenizer.id(o) for _, _, o in all_rows])
-    new_id = torch.tensor([tokenizer.id(pairs[j][1].target_new) for j in owner])
-    rows = torch.arange(len(all_rows))
-    own, new, top = lp[rows, own_id], lp[rows, new_id], lp.argmax(1)
+def _continuations(lm, prompts: Sequence[str], max_len: int | None = None) -> list[str]:
+    n_ctx = getattr(lm.cfg, "n_ctx", None) or 1024
+    max_len = max_len or min(n_ctx, 100)
     out = []
-    for j, (f, r) in enumerate(pairs):
-        m = owner == j
-        sel = {k: torch.from_numpy(m & (kinds == k)) for k in ("rewrite", "paraphrase", "neighbour", "other")}
-        rw = sel["rewrite"]
-        row = {"subject": f.subject, "relation": f.relation, "true": f.object, "new": r.target_new,
-               "es": float((new[rw] > own[rw]).float().mean()),
-               "top1": float((top[rw] == new_id[rw]).float().mean()),
-               "em": float((new[rw].exp() - own[rw].exp()).mean()),
-               "ps": float((new[sel["paraphrase"]] > own[sel["paraphrase"]]).float().mean()),
-               "ns": float((own[sel["neighbour"]] > new[sel["neighbour"]]).float().mean()),
-               "neighbour_acc": float((top[sel["neighbour"]] == own_id[sel["neighbour"]]).float().mean()),
-               "other_acc": float((top[sel["other"]] == own_id[sel["other"]]).float().mean())}
+    for p in prompts:
+        ids = lm.encode(p)
+        n = max(0, min(max_len, n_ctx) - len(ids))
+        out.append(lm.decode(lm.generate([ids], n)[0]) if n else "")
+    return out
+
+
+def generation_entropy(lm, prompts: Sequence[str], max_len: int | None = None) -> float:
+    """Mean n-gram entropy (x100) of the words of greedy continuations of ``prompts``, up to ``max_len`` tokens in
+    all (default: 100 or the model's context length, if shorter; ROME generates 100)."""
+    lm = _lm(lm)
+    texts = _continuations(lm, prompts, max_len)
+    return 100 * float(np.mean([ngram_entropy(t.split()) for t in texts])) if texts else float("nan")
+
+
+def _consistency(generated: Sequence[str], references: Sequence[str]) -> float:
+    """TF-IDF cosine between the generated texts and the reference texts (ROME's reference score, with the IDF
+    fitted on these texts rather than on Wikipedia)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not references or not any(g.strip() for g in generated):
+        return float("nan")
+    vec = TfidfVectorizer().fit(list(references) + list(generated))
+    a = np.asarray(vec.transform([" ".join(generated)]).todense())[0]
+    b = np.asarray(vec.transform([" ".join(references)]).todense())[0]
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den else float("nan")
+
+
+def request_scores(lm, records, fluency: bool = False) -> pd.DataFrame:
+    """Scores of each record on the model as it is now (module docstring), one row per record."""
+    lm = _lm(lm)
+    prompts, targets, key = [], [], []
+    for j, r in enumerate(records):
+        true = r.target_true
+        for kind, ps, owns in (("rewrite", [r.text], [true]),
+                               ("paraphrase", list(r.paraphrase_prompts), [true] * len(r.paraphrase_prompts)),
+                               ("neighbour", list(r.neighborhood_prompts),
+                                list(r.neighborhood_targets) or [true] * len(r.neighborhood_prompts)),
+                               ("other", list(r.other_prompts), list(r.other_targets))):
+            for p, own in zip(ps, owns):
+                prompts.append(p)
+                targets.append(r.target_new)
+                key.append((j, kind, "new"))
+                if own is not None:
+                    prompts.append(p)
+                    targets.append(own)
+                    key.append((j, kind, "own"))
+    s = lm.score(prompts, targets) if prompts else {}
+    table = pd.DataFrame(key, columns=["record", "kind", "which"])
+    for c in ("mean_logprob", "exact", "token_acc"):
+        table[c] = s[c]
+    table["p"] = np.exp(table.mean_logprob)
+    out = []
+    for j, r in enumerate(records):
+        t = table[table.record == j]
+
+        def pair(kind):
+            a = t[(t.kind == kind) & (t.which == "new")].reset_index(drop=True)
+            b = t[(t.kind == kind) & (t.which == "own")].reset_index(drop=True)
+            return a, b
+
+        rw_new, rw_own = pair("rewrite")
+        pa_new, pa_own = pair("paraphrase")
+        nb_new, nb_own = pair("neighbour")
+        ot_new, ot_own = pair("other")
+        nan = float("nan")
+
+        def mean(x):
+            return float(np.mean(x)) if len(x) else nan
+
+        row = {"case_id": r.case_id, "subject": r.subject, "relation": r.relation, "true": r.target_true,
+               "new": r.target_new, "format": r.format,
+               "es": mean(rw_new.p.values > rw_own.p.values) if len(rw_own) else nan,
+               "em": mean(rw_new.p.values - rw_own.p.values) if len(rw_own) else nan,
+               "top1": mean(rw_new.exact.values),
+               "ps": mean(pa_new.p.values > pa_own.p.values) if len(pa_own) else nan,
+               "pm": mean(pa_new.p.values - pa_own.p.values) if len(pa_own) else nan,
+               "ns": mean(nb_own.p.values > nb_new.p.values) if len(nb_own) else nan,
+               "nm": mean(nb_own.p.values - nb_new.p.values) if len(nb_own) else nan,
+               "neighbour_acc": mean(nb_own.exact.values),
+               "other_acc": mean(ot_own.exact.values),
+               "efficacy_acc": mean(rw_new.token_acc.values),
+               "generalization_acc": mean(pa_new.token_acc.values),
+               "specificity_acc": mean(nb_own.token_acc.values)}
         if fluency:
-            row["fluency"] = generation_entropy(model, tokenizer, world.prompts(f, "heldout"))
+            gp = list(r.generation_prompts)
+            gen = _continuations(lm, gp) if gp else []
+            row["fluency"] = 100 * float(np.mean([ngram_entropy(g.split()) for g in gen])) if gen else nan
+            row["consistency"] = _consistency(gen, r.reference_texts) if r.reference_texts else nan
         out.append(row)
     return pd.DataFrame(out)
 
 
-def batch_scores(model, tokenizer, world, pairs, n_neighbours: int = 5, seed: int = 0) -> pd.DataFrame:
-    """:func:`request_scores` (neighbours drawn from unedited subjects only) plus ``unedited_acc``: the top-1
-    accuracy, on their first training prompt, of all facts whose subject none of ``pairs`` edits (the same value on
-    every row)."""
-    edited = {f.subject for f, _ in pairs}
-    df = request_scores(model, tokenizer, world, pairs, n_neighbours, seed, exclude=edited)
-    rest = [f for f in world.facts if f.subject not in edited]
-    if rest:
-        lp = next_token_logprobs(model, tokenizer, [world.prompts(f)[0] for f in rest])
-        acc = float((lp.argmax(1) == torch.tensor([tokenizer.id(f.object) for f in rest])).float().mean())
+def batch_scores(lm, records, unedited: Sequence[tuple[str, str]] | None = None, fluency: bool = False) -> pd.DataFrame:
+    """:func:`request_scores` plus ``unedited_acc``: greedy accuracy on ``unedited`` ``(prompt, target)`` pairs,
+    facts no edit of the batch touches (the same value on every row; NaN without them)."""
+    lm = _lm(lm)
+    df = request_scores(lm, records, fluency)
+    if unedited:
+        s = lm.score([p for p, _ in unedited], [t for _, t in unedited])
+        df["unedited_acc"] = float(s["exact"].mean())
     else:
-        acc = float("nan")
-    df["unedited_acc"] = acc
+        df["unedited_acc"] = float("nan")
     return df
 
 
 def summarize(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per condition (``{name: request_scores frame}``): means in percent and the score S."""
+    """One row per condition (``{name: request_scores frame}``): means in percent (fluency as is) and S."""
     rows = []
-    cols = ["es", "top1", "ps", "ns", "neighbour_acc", "other_acc", "unedited_acc", "fluency"]
+    cols = ["es", "top1", "ps", "ns", "em", "pm", "nm", "neighbour_acc", "other_acc", "unedited_acc",
+            "efficacy_acc", "generalization_acc", "specificity_acc", "fluency", "consistency", "took"]
     for name, df in frames.items():
         row = {"condition": name, "n": len(df)}
         for c in cols:
-            if c in df:
-                row[c] = float(df[c].mean()) * (1 if c == "fluency" else 100)
-        es, ps, ns = row["es"], row["ps"], row["ns"]
-        row["S"] = 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9))
+            if c in df and df[c].notna().any():
+                row[c] = float(df[c].astype(float).mean()) * (1 if c == "fluency" else 100)
+        es, ps, ns = row.get("es", np.nan), row.get("ps", np.nan), row.get("ns", np.nan)
+        row["S"] = 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9)) if not np.isnan([es, ps, ns]).any() \
+            else float("nan")
+        if "flag" in df:
+            for f in ("did not take", "collapse"):
+                row[f"flag_{f.replace(' ', '_')}"] = int((df.flag == f).sum())
         rows.append(row)
     return make_result(pd.DataFrame(rows).round(2))
 
 
-def single_edits(model, tokenizer, world, pairs, layer: int, C: torch.Tensor | None = None, config=None,
-                 n_neighbours: int = 5, fluency: bool = False, progress: bool = True) -> pd.DataFrame:
-    """ROME each request on its own at ``layer``, score it, undo it (bit for bit) before the next one. Rows of
-    :func:`request_scores` plus the edit's ``rel_error`` (|W'k - v*| / |v*|) and final target NLL."""
+_OUTCOME_COLS = ("rel_error", "nll_end", "nll_after", "took", "flag", "update_rel", "update_vs_typical",
+                 "entropy_before", "entropy_after")
+
+
+def single_edits(lm, records, layer: int, C: torch.Tensor | None = None, config=None, fluency: bool = False,
+                 progress: bool = True) -> pd.DataFrame:
+    """ROME each record on its own at ``layer``, score it, undo it (bit for bit) before the next one. Rows of
+    :func:`request_scores` plus the edit's outcomes (``rel_error`` = |W'k - v*| / |v*|, ``nll_end``,
+    ``nll_after``, ``took``, ``flag``, ``update_rel``, ``update_vs_typical``, entropies)."""
     from tqdm.auto import tqdm
 
     from .rome import rome
 
+    lm = _lm(lm)
     rows = []
-    for f, r in tqdm(pairs, desc=f"ROME layer {layer}", disable=not progress, leave=False):
-        e = rome(model, tokenizer, r, layer, C, config)
-        with e.applied(model):
-            row = request_scores(model, tokenizer, world, [(f, r)], n_neighbours, fluency=fluency)
-        row["rel_error"] = e.info["rel_error"]
-        row["nll_end"] = e.info["nll_end"]
+    for r in tqdm(records, desc=f"ROME layer {layer}", disable=not progress, leave=False):
+        e = rome(lm, r.request(), layer, C, config)
+        with e.applied(lm.model):
+            row = request_scores(lm, [r], fluency=fluency)
+        for c in _OUTCOME_COLS:
+            row[c] = e.info.get(c)
         rows.append(row)
     return make_result(pd.concat(rows, ignore_index=True), method="rome", layer=layer,
-                       covariance="identity" if C is None else f"data ({getattr(C, 'count', '?')} tokens)",
-                       n_neighbours=n_neighbours)
+                       covariance="identity" if C is None else f"data ({getattr(C, 'count', '?')} tokens)", **lm.settings)
 
 
-def many_edits(model, tokenizer, world, pairs, method: str = "memit", layers: Sequence[int] = (0, 1),
-               C: dict | None = None, config=None, n_neighbours: int = 5, progress: bool = True) -> pd.DataFrame:
-    """Apply all requests together, score them with :func:`batch_scores`, restore the model. ``method="memit"``:
+def many_edits(lm, records, method: str = "memit", layers: Sequence[int] = (0, 1), C: dict | None = None,
+               config=None, unedited: Sequence[tuple[str, str]] | None = None, progress: bool = True,
+               fluency: bool = False) -> pd.DataFrame:
+    """Apply all records together, score them with :func:`batch_scores`, restore the model. ``method="memit"``:
     one MEMIT batch over ``layers``; ``"sequential"``: one ROME edit after another at ``layers[0]``, each computed
-    on the model edited so far (the way sequential ROME degrades in the MEMIT paper)."""
+    on the model edited so far (the way sequential ROME degrades in the MEMIT paper). Rows carry each edit's
+    ``took`` / ``flag``."""
     import contextlib
 
     from tqdm.auto import tqdm
 
     from .rome import memit, rome
 
+    lm = _lm(lm)
     if method not in ("memit", "sequential"):
         raise ValueError(f"method must be 'memit' or 'sequential'; got {method!r}.")
-    reqs = [r for _, r in pairs]
+    reqs = [r.request() for r in records]
+    outcomes = []
     with contextlib.ExitStack() as stack:
         if method == "memit":
-            e = memit(model, tokenizer, reqs, layers, C, config, progress=progress)
-            stack.enter_context(e.applied(model))
+            e = memit(lm, reqs, layers, C, config, progress=progress, outcomes=True)
+            outcomes = e.info["edits"]
+            stack.enter_context(e.applied(lm.model))
         else:
             Cl = (C or {}).get(layers[0])
             for r in tqdm(reqs, desc="sequential ROME", disable=not progress, leave=False):
-                stack.enter_context(rome(model, tokenizer, r, layers[0], Cl, config).applied(model))
-        df = batch_scores(model, tokenizer, world, pairs, n_neighbours)
+                e = rome(lm, r, layers[0], Cl, config, outcomes=False)
+                outcomes.append({"nll_end": e.info["nll_end"]})
+                stack.enter_context(e.applied(lm.model))
+        df = batch_scores(lm, records, unedited, fluency)
+    for c in ("nll_end", "nll_after", "took", "flag"):
+        vals = [o.get(c) for o in outcomes]
+        if any(v is not None for v in vals):
+            df[c] = vals
     return make_result(df, method=method, layers=list(layers) if method == "memit" else [layers[0]],
-                       n_edits=len(pairs), covariance="data" if C else "identity")
+                       n_edits=len(records), covariance="data" if C else "identity", **lm.settings)
 
 
 TESTBED_MEMIT = {"clamp_norm_factor": 4.0, "mom2_update_weight": 1000.0}
@@ -225,9 +318,9 @@ TESTBED_MEMIT = {"clamp_norm_factor": 4.0, "mom2_update_weight": 1000.0}
 on 100 edits: 1000 keeps 98% of unedited facts at 95% efficacy)."""
 
 
-def compare_editors(model, tokenizer, world, out=None, n: int = 100, layer: int = 0,
-                    memit_layers: Sequence[int] = (0,), memit_config=None, seed: int = 0, n_neighbours: int = 5,
-                    fluency: bool = True, progress: bool = True) -> pd.DataFrame:
+def compare_editors(lm, world, out=None, n: int = 100, layer: int = 0, memit_layers: Sequence[int] = (0,),
+                    memit_config=None, seed: int = 0, n_neighbours: int = 5, fluency: bool = True,
+                    progress: bool = True) -> pd.DataFrame:
     """The edit benchmark of the testbed on ``n`` seeded requests (distinct subjects): unedited; ROME at ``layer``
     with C from the training text and with C = I, one edit at a time (undone after each); the same edits all at
     once as one MEMIT batch over ``memit_layers`` and as sequential ROME. Returns the :func:`summarize` table (one
@@ -238,31 +331,28 @@ def compare_editors(model, tokenizer, world, out=None, n: int = 100, layer: int 
     from ..results import load_result, save_result
     from .rome import EditConfig, key_second_moment
 
-    pairs = make_requests(world, n, seed)
+    lm = _lm(lm)
+    records = make_requests(world, n, seed, n_neighbours=n_neighbours)
+    unedited = world_facts_outside(world, records)
     text = world.training_text()
     memit_config = memit_config or EditConfig.memit(**TESTBED_MEMIT)
     cache: dict[int, torch.Tensor] = {}
 
     def C(l):
         if l not in cache:
-            cache[l] = key_second_moment(model, tokenizer, text, l)
+            cache[l] = key_second_moment(lm, text, l)
         return cache[l]
 
     jobs = {
-        "unedited": lambda: make_result(request_scores(model, tokenizer, world, pairs, n_neighbours,
-                                                       fluency=fluency), method="none"),
-        f"rome_L{layer}_C_data": lambda: single_edits(model, tokenizer, world, pairs, layer, C(layer),
-                                                      n_neighbours=n_neighbours, fluency=fluency,
-                                                      progress=progress),
-        f"rome_L{layer}_C_identity": lambda: single_edits(model, tokenizer, world, pairs, layer, None,
-                                                          n_neighbours=n_neighbours, fluency=fluency,
+        "unedited": lambda: make_result(request_scores(lm, records, fluency=fluency), method="none"),
+        f"rome_L{layer}_C_data": lambda: single_edits(lm, records, layer, C(layer), fluency=fluency, progress=progress),
+        f"rome_L{layer}_C_identity": lambda: single_edits(lm, records, layer, None, fluency=fluency,
                                                           progress=progress),
-        "unedited_batch": lambda: make_result(batch_scores(model, tokenizer, world, pairs, n_neighbours),
-                                              method="none"),
-        f"memit_{n}": lambda: many_edits(model, tokenizer, world, pairs, "memit", memit_layers,
-                                         {l: C(l) for l in memit_layers}, memit_config, n_neighbours, progress),
-        f"sequential_rome_{n}": lambda: many_edits(model, tokenizer, world, pairs, "sequential", [layer],
-                                                   {layer: C(layer)}, None, n_neighbours, progress),
+        "unedited_batch": lambda: make_result(batch_scores(lm, records, unedited), method="none"),
+        f"memit_{n}": lambda: many_edits(lm, records, "memit", memit_layers, {l: C(l) for l in memit_layers},
+                                         memit_config, unedited, progress),
+        f"sequential_rome_{n}": lambda: many_edits(lm, records, "sequential", [layer], {layer: C(layer)}, None,
+                                                   unedited, progress),
     }
     frames = {}
     for name, job in jobs.items():
@@ -276,7 +366,8 @@ def compare_editors(model, tokenizer, world, out=None, n: int = 100, layer: int 
     table = summarize(frames)
     settings = {"n": n, "layer": layer, "memit_layers": list(memit_layers), "seed": seed,
                 "n_neighbours": n_neighbours, "memit_config": {k: v for k, v in vars(memit_config).items()},
-                "rome_config": vars(EditConfig()), "key_statistics": f"training text ({len(text)} sentences)"}
+                "rome_config": vars(EditConfig()), "key_statistics": f"training text ({len(text)} sentences)",
+                **lm.settings}
     table = make_result(table, **settings)
     if out:
         from ..analyses.plots import plot_edits, save_figure
@@ -284,3 +375,33 @@ def compare_editors(model, tokenizer, world, out=None, n: int = 100, layer: int 
         save_result(table, Path(out) / "summary.parquet")
         save_figure(plot_edits(table), Path(out) / "summary.png")
     return table
+
+
+def evaluate_requests(lm, records, method: str = "rome", layer: int = 0, layers: Sequence[int] | None = None,
+                      C: torch.Tensor | dict | None = None, config=None, fluency: bool = True,
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Edit and evaluate user records (CounterFact / zsRE files): ``method="rome"`` (each record alone, undone
+    after scoring) or ``"memit"`` (all at once over ``layers``). Returns ``(per_record, summary)``; the summary
+    has the unedited model and the edited one, in percent, with the format's usual names in
+    ``attrs["settings"]["usual"]``."""
+    from .rome import EditConfig
+
+    lm = _lm(lm)
+    records = list(records)
+    if not records:
+        raise ValueError("No edit records given.")
+    formats = sorted({r.format for r in records})
+    before = request_scores(lm, records, fluency=fluency)
+    if method == "rome":
+        after = single_edits(lm, records, layer, C, config, fluency=fluency, progress=progress)
+    elif method == "memit":
+        Cd = C if isinstance(C, dict) or C is None else {l: C for l in (layers or [layer])}
+        after = many_edits(lm, records, "memit", layers or [layer], Cd, config or EditConfig.memit(), None, progress,
+                           fluency=fluency)
+    else:
+        raise ValueError(f"The 'method' parameter must be 'rome' or 'memit'. Got {method!r} instead.")
+    table = summarize({"unedited": before, method: after})
+    usual = list(dict.fromkeys(m for f in formats for m in USUAL.get(f, USUAL["memloc"])))
+    return after, make_result(table, method=method, layer=layer, layers=list(layers or [layer]), formats=formats,
+                              usual=usual, covariance="identity" if C is None else "data", n=len(records),
+                              **lm.settings)

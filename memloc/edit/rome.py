@@ -25,6 +25,18 @@ the last edited layer ``L`` (same loss, ``clamp_norm_factor`` 0.75), then, layer
 An :class:`Edit` holds weight deltas by parameter name; ``with edit.applied(model):`` applies it and restores every
 weight bit for bit on exit (it is :func:`memloc.hooks.replace_parameters`); ``edit.apply(model)`` applies it for
 good and returns a function that undoes it exactly.
+
+**Tokenization** is the :class:`~memloc.models.lm.LM` handle's: its BOS policy applies to edit prompts, KL
+prompts and statistics texts alike (``LM(..., prepend_bos=False)`` is kmeng01/rome's GPT-2 convention, and the
+default for a GPT-2 tokenizer); the subject's last token comes from character offsets (multi-token subjects);
+targets are tokenized with a leading space (multi-token targets are teacher-forced).
+
+**Honest outcomes.** Every edit's ``info`` records whether it took (:func:`edit_outcomes`): ``nll_after`` (target
+NLL per token on the rewrite prompt with the edit applied), ``took`` (greedy decoding then reproduces the new
+target), ``update_rel`` (``|v* - v| / |v|`` at the edited key) and ``update_vs_typical`` (against the root mean
+square value ``sqrt(tr(W C W^T))`` of the layer when ``C`` is known), ``entropy_before`` / ``entropy_after``
+(n-gram entropy x100 of a greedy continuation of the rewrite prompt) and ``flag``: ``"ok"``, ``"did not take"``
+or ``"collapse"`` (the continuation's entropy fell below half of what it was: a disabling edit).
 """
 from __future__ import annotations
 
@@ -32,13 +44,14 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..hooks import capture, hooks, replace_parameters, require_eval
 
 __all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "key_second_moment", "subject_last_index",
-           "mlp_out_weight", "OUT_MODULE", "RESID"]
+           "mlp_out_weight", "edit_outcomes", "OUT_MODULE", "RESID"]
 
 OUT_MODULE = "blocks.{}.mlp.out"  # attribute path of the MLP output projection
 KEY, VALUE = OUT_MODULE + ".hook_in", OUT_MODULE + ".hook_out"  # hook points on its input and output
@@ -116,47 +129,19 @@ class Edit:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tokenization and positions
+# tokenization and positions (through the LM handle)
 
 
-def _encode(tokenizer, text: str, bos: bool = True) -> list[int]:
-    """Token ids with memloc's :class:`~memloc.data.facts.WordTokenizer` or a Hugging Face tokenizer."""
-    if hasattr(tokenizer, "bos_id"):  # memloc's WordTokenizer
-        return list(tokenizer.encode(text, bos=bos))
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    return [bos_id] + ids if bos and bos_id is not None else ids
+def _lm(lm):
+    from ..models.lm import as_lm
+    return as_lm(lm)
 
 
-def subject_last_index(tokenizer, prompt: str, subject: str) -> int:
-    """Index of the subject's last token in ``_encode(prompt.format(subject))`` (the subject's first occurrence)."""
-    text = prompt.format(subject)
-    end = prompt.index("{}") + len(subject)
-    n = len(_encode(tokenizer, text[:end]))
-    full = _encode(tokenizer, text)
-    if full[:n] != _encode(tokenizer, text[:end]):
-        raise ValueError(f"The subject {subject!r} does not end on a token boundary in {text!r}.")
-    return n - 1
-
-
-def _target_ids(tokenizer, target: str) -> list[int]:
-    ids = _encode(tokenizer, " " + target, bos=False)
-    if not ids:
-        raise ValueError(f"The target {target!r} encodes to no tokens.")
-    return ids
-
-
-def _pad(seqs: list[list[int]], pad: int = 0) -> torch.Tensor:
-    T = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad] * (T - len(s)) for s in seqs], dtype=torch.long)
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_id", "pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
+def subject_last_index(lm, prompt: str, subject: str) -> int:
+    """Index of the subject's last token in ``lm.encode(prompt.format(subject))`` (the ``{}`` occurrence), from
+    character offsets."""
+    lm = _lm(lm)
+    return lm.span(prompt.format(subject), subject, start=prompt.index("{}"))[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +151,7 @@ def _pad_id(tokenizer) -> int:
 def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, torch.nn.Parameter, bool]:
     """``(parameter name, weight, transposed)`` of layer ``layer``'s MLP output matrix. ``transposed`` is True for
     Hugging Face ``Conv1D`` weights stored ``[in, out]`` (GPT-2); ``nn.Linear`` stores ``[out, in]``."""
+    model = getattr(model, "model", model) if not hasattr(model, "named_parameters") else model
     mod = model
     try:
         for part in module.format(layer).split("."):
@@ -187,25 +173,31 @@ def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, to
     raise ValueError(f"Unexpected MLP output weight shape {tuple(w.shape)} (d_model {d_model}, d_mlp {d_mlp}).")
 
 
-def key_second_moment(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 128) -> torch.Tensor:
-    """Uncentred second moment ``C = E[k k^T]`` (float64 ``[d_mlp, d_mlp]``) of the MLP keys of ``layer`` over every
-    non-padding token of ``texts`` (accumulated batch by batch, so memory is one batch plus ``C``).
-    ``C.count`` holds the number of tokens."""
-    require_eval(model, "Key statistics")
+def _check_layer(lm, layer: int) -> None:
+    L = lm.cfg.n_layers
+    if not isinstance(layer, int) or not 0 <= layer < L:
+        raise ValueError(f"The 'layer' parameter must be an int in [0, {L}) for this {L}-layer model. Got {layer!r} "
+                         "instead.")
+
+
+def key_second_moment(lm, texts: Sequence[str], layer: int, batch_size: int = 128) -> torch.Tensor:
+    """Uncentred second moment ``C = E[k k^T]`` (float64 ``[d_mlp, d_mlp]``, CPU) of the MLP keys of ``layer`` over
+    every real token of ``texts`` (tokenized by the handle's BOS policy; padding masked by length; accumulated
+    batch by batch, so memory is one batch plus ``C``). ``C.count`` holds the number of tokens."""
+    lm = _lm(lm)
+    require_eval(lm.model, "Key statistics")
+    _check_layer(lm, layer)
     if not texts:
         raise ValueError("No texts given for the key statistics.")
     site = KEY.format(layer)
     C, n = None, 0
     for s in range(0, len(texts), batch_size):
-        enc = [_encode(tokenizer, t) for t in texts[s:s + batch_size]]
-        toks = _pad(enc, _pad_id(tokenizer))
-        mask = torch.zeros(toks.shape, dtype=torch.bool)
-        for i, e in enumerate(enc):
-            mask[i, :len(e)] = True
+        toks, lens = lm.batch(texts[s:s + batch_size])
+        mask = lm.mask(lens, toks.shape[1])
         got = {}
-        with torch.no_grad(), hooks(model, {site: lambda x: got.__setitem__("k", x.detach())}):
-            model(toks)
-        k = got["k"][mask].double()
+        with torch.no_grad(), hooks(lm.model, {site: lambda x: got.__setitem__("k", x.detach())}):
+            lm.logits(toks)
+        k = got["k"][mask.to(got["k"].device)].double().cpu()
         C = k.T @ k if C is None else C + k.T @ k
         n += len(k)
     C = C / n
@@ -217,26 +209,28 @@ def key_second_moment(model, tokenizer, texts: Sequence[str], layer: int, batch_
 # value optimisation (shared by ROME and MEMIT)
 
 
-def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig) -> tuple[torch.Tensor, dict]:
+def _optimize_target(lm, req: Request, site: str, cfg: EditConfig) -> tuple[torch.Tensor, dict]:
     """``(h + delta, diagnostics)``: the representation at ``site`` (subject's last token) that makes the model
     predict ``req.target_new``."""
-    tgt = _target_ids(tokenizer, req.target_new)
+    model, dev = lm.model, lm.device
+    tgt = lm.target_ids(req.target_new, req.text)
     rewrite = [c.format(req.prompt) for c in cfg.context_templates]
     prompts = rewrite + list(cfg.kl_prompts)
     seqs, look, starts = [], [], []
     for i, p in enumerate(prompts):
-        ids = _encode(tokenizer, p.format(req.subject))
-        look.append(subject_last_index(tokenizer, p, req.subject))
+        ids = lm.encode(p.format(req.subject))
+        look.append(subject_last_index(lm, p, req.subject))
         starts.append(len(ids))
         seqs.append(ids + (tgt[:-1] if i < len(rewrite) else []))
-    toks = _pad(seqs, _pad_id(tokenizer))
-    rows, look_t = torch.arange(len(prompts)), torch.tensor(look)
+    toks, _ = lm.pad(seqs)
+    toks = toks.to(dev)
+    rows, look_t = torch.arange(len(prompts), device=dev), torch.tensor(look, device=dev)
     nr, nt = len(rewrite), len(tgt)
-    pred_pos = torch.tensor([[starts[i] - 1 + j for j in range(nt)] for i in range(nr)])  # [nr, nt]
-    tgt_t = torch.tensor(tgt)
-    kl_rows = torch.arange(nr, len(prompts))
+    pred_pos = torch.tensor([[starts[i] - 1 + j for j in range(nt)] for i in range(nr)], device=dev)  # [nr, nt]
+    tgt_t = torch.tensor(tgt, device=dev)
+    kl_rows = torch.arange(nr, len(prompts), device=dev)
 
-    delta = torch.zeros(model.cfg.d_model, requires_grad=True)
+    delta = torch.zeros(model.cfg.d_model, requires_grad=True, device=dev)
     state = {"h": None}
 
     def add_delta(out):
@@ -257,14 +251,14 @@ def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig)
             with hooks(model, {site: add_delta}):
                 logits = model(toks).float()
             lp = torch.log_softmax(logits, -1)
-            nll = -lp[torch.arange(nr)[:, None], pred_pos, tgt_t[None]].mean(1).mean()
+            nll = -lp[torch.arange(nr, device=dev)[:, None], pred_pos, tgt_t[None]].mean(1).mean()
             kl_lp = lp[kl_rows, look_t[kl_rows]]
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
             h_norm = state["h"].norm()
             loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h_norm ** 2
-            losses.append((nll.item(), kl.item()))
+            losses.append((nll.item(), kl.item(), loss.item()))
             if loss.item() < cfg.early_stop or step == cfg.v_steps - 1:
                 break
             loss.backward()
@@ -276,85 +270,129 @@ def _optimize_target(model, tokenizer, req: Request, site: str, cfg: EditConfig)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    h = state["h"].double()
-    info = {"nll_start": losses[0][0], "nll_end": losses[-1][0], "kl_end": losses[-1][1], "steps": len(losses),
-            "delta_norm": delta.norm().item(), "h_norm": h.norm().item()}
-    return h + delta.detach().double(), info
+    h = state["h"].double().cpu()
+    info = {"nll_start": losses[0][0], "loss_start": losses[0][2], "nll_end": losses[-1][0], "kl_end": losses[-1][1],
+            "steps": len(losses), "delta_norm": delta.norm().item(), "h_norm": h.norm().item(),
+            "target_tokens": len(tgt)}
+    return h + delta.detach().double().cpu(), info
 
 
-def _at_subject(model, tokenizer, prompts: Sequence[tuple[str, str]], sites: Sequence[str]) -> list[torch.Tensor]:
-    """Each site's output ``[n, d]`` (float64) at the subject's last token of each ``(prompt with {}, subject)``,
-    from one batched pass (:func:`memloc.hooks.capture`)."""
-    toks = _pad([_encode(tokenizer, p.format(subj)) for p, subj in prompts], _pad_id(tokenizer))
-    pos = torch.tensor([subject_last_index(tokenizer, p, subj) for p, subj in prompts])
-    got = capture(model, toks, list(sites), batch_size=len(toks))
+def _at_subject(lm, prompts: Sequence[tuple[str, str]], sites: Sequence[str]) -> list[torch.Tensor]:
+    """Each site's output ``[n, d]`` (float64, CPU) at the subject's last token of each ``(prompt with {},
+    subject)``, from one batched pass (:func:`memloc.hooks.capture`)."""
+    toks, _ = lm.pad([lm.encode(p.format(subj)) for p, subj in prompts])
+    pos = torch.tensor([subject_last_index(lm, p, subj) for p, subj in prompts])
+    got = capture(lm.model, toks, list(sites), batch_size=len(toks))
     rows = torch.arange(len(prompts))
     return [got[site][rows, pos].double() for site in sites]
 
 
-def _mean_keys(model, tokenizer, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
+def _mean_keys(lm, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
     """``[n, d_mlp]``: each request's key at the subject's last token, averaged over the context templates."""
     prompts = [(c.format(r.prompt), r.subject) for r in reqs for c in cfg.context_templates]
-    k, = _at_subject(model, tokenizer, prompts, [KEY.format(layer)])
+    k, = _at_subject(lm, prompts, [KEY.format(layer)])
     return k.view(len(reqs), len(cfg.context_templates), -1).mean(1)
 
 
-def _bare(model, tokenizer, reqs: Sequence[Request], layer: int, site: str | None = None):
+def _bare(lm, reqs: Sequence[Request], layer: int, site: str | None = None):
     """Key and value (or, with ``site``, that site's output) at the subject's last token of the bare prompts."""
     prompts = [(r.prompt, r.subject) for r in reqs]
     if site is None:
-        return tuple(_at_subject(model, tokenizer, prompts, [KEY.format(layer), VALUE.format(layer)]))
-    return _at_subject(model, tokenizer, prompts, [site])[0]
+        return tuple(_at_subject(lm, prompts, [KEY.format(layer), VALUE.format(layer)]))
+    return _at_subject(lm, prompts, [site])[0]
 
 
 def _as_delta(upd: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``upd`` is ``[d_model, d_mlp]`` (Linear orientation)."""
-    return (upd.T if transposed else upd).to(w.dtype).contiguous()
+    return (upd.T if transposed else upd).to(device=w.device, dtype=w.dtype).contiguous()
+
+
+def _continuation_entropy(lm, texts: Sequence[str]) -> float:
+    """ROME's fluency measure (:func:`memloc.edit.evaluate.generation_entropy`) of greedy continuations."""
+    from .evaluate import generation_entropy
+
+    return generation_entropy(lm, texts)
+
+
+def edit_outcomes(lm, edit: "Edit", requests: Sequence[Request], entropy: bool = True,
+                  collapse_ratio: float = 0.5) -> list[dict]:
+    """Did each request of ``edit`` take? Per request: ``nll_after`` (mean target NLL per token on the rewrite
+    prompt, the edit applied), ``took`` (greedy decoding reproduces the new target), ``entropy_before`` /
+    ``entropy_after`` (continuation entropy x100 of the rewrite prompt) and ``flag``: ``"did not take"``,
+    ``"collapse"`` (entropy after < ``collapse_ratio`` x before: a disabling edit) or ``"ok"``."""
+    texts, targets = [r.text for r in requests], [r.target_new for r in requests]
+    before = [_continuation_entropy(lm, [t]) for t in texts] if entropy else [np.nan] * len(texts)
+    with edit.applied(lm.model):
+        s = lm.score(texts, targets)
+        after = [_continuation_entropy(lm, [t]) for t in texts] if entropy else [np.nan] * len(texts)
+    out = []
+    for i in range(len(requests)):
+        took = bool(s["exact"][i])
+        collapse = entropy and before[i] > 0 and after[i] < collapse_ratio * before[i]
+        out.append({"nll_after": float(-s["mean_logprob"][i]), "took": took, "entropy_before": before[i],
+                    "entropy_after": after[i], "flag": "did not take" if not took else "collapse" if collapse else "ok"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ROME and MEMIT
 
 
-def rome(model, tokenizer, request: Request, layer: int, C: torch.Tensor | None = None,
-         config: EditConfig | None = None) -> Edit:
-    """A ROME edit of ``request`` at ``layer`` (see the module docstring). ``C``: the layer's key second moment
-    from :func:`key_second_moment`; ``None`` uses the identity. The model is not modified."""
+def rome(lm, request: Request, layer: int, C: torch.Tensor | None = None, config: EditConfig | None = None,
+         outcomes: bool = True) -> Edit:
+    """A ROME edit of ``request`` at ``layer`` (see the module docstring). ``lm``: the :class:`~memloc.models.lm.LM`
+    handle. ``C``: the layer's key second moment from :func:`key_second_moment`; ``None`` uses the identity. The
+    model is not modified. With ``outcomes``, ``info`` says whether the edit took (:func:`edit_outcomes`)."""
+    lm = _lm(lm)
+    model = lm.model
     require_eval(model, "ROME")
+    _check_layer(lm, layer)
     cfg = config or EditConfig()
     name, w, transposed = mlp_out_weight(model, layer)
-    v_star, info = _optimize_target(model, tokenizer, request, VALUE.format(layer), cfg)
-    k_star = _mean_keys(model, tokenizer, [request], layer, cfg)[0]
+    v_star, info = _optimize_target(lm, request, VALUE.format(layer), cfg)
+    k_star = _mean_keys(lm, [request], layer, cfg)[0]
     u = torch.linalg.solve(C.double(), k_star) if C is not None else k_star.clone()
     u = u / u.norm()
-    k, v = (t[0] for t in _bare(model, tokenizer, [request], layer))
+    k, v = (t[0] for t in _bare(lm, [request], layer))
     right = (v_star - v) / (k @ u)
     upd = torch.outer(right, u)
     edit = Edit({name: _as_delta(upd, w, transposed)}, {})
     with edit.applied(model):
-        _, v_new = (t[0] for t in _bare(model, tokenizer, [request], layer))
+        _, v_new = (t[0] for t in _bare(lm, [request], layer))
+    W = (w.detach().double().cpu().T if transposed else w.detach().double().cpu())  # [d_model, d_mlp]
+    typical = float(torch.sqrt(((W @ C.double()) * W).sum())) if C is not None else float("nan")
     info.update(method="rome", layer=layer, covariance="data" if C is not None else "identity",
-                rel_error=float((v_new - v_star).norm() / v_star.norm()), config=asdict(cfg), request=asdict(request))
+                rel_error=float((v_new - v_star).norm() / v_star.norm()), config=asdict(cfg), request=asdict(request),
+                update_rel=float((v_star - v).norm() / v.norm()),
+                update_vs_typical=float((v_star - v).norm()) / typical if C is not None else float("nan"),
+                weight_rel=float(upd.norm() / W.norm()), tokenization=lm.settings)
     edit.info = info
+    if outcomes:
+        info.update(edit_outcomes(lm, edit, [request])[0])
     return edit
 
 
-def memit(model, tokenizer, requests: Sequence[Request], layers: Sequence[int],
+def memit(lm, requests: Sequence[Request], layers: Sequence[int],
           C: dict[int, torch.Tensor] | None = None, config: EditConfig | None = None,
-          progress: bool = False) -> Edit:
+          progress: bool = False, outcomes: bool = True) -> Edit:
     """One MEMIT edit for all ``requests`` spread over ``layers`` (see the module docstring). ``C``: ``{layer:
-    key second moment}``; missing layers use the identity. The model is not modified."""
+    key second moment}``; missing layers use the identity. The model is not modified. With ``outcomes``,
+    ``info["edits"]`` says per request whether it took, and ``info["flags"]`` counts the flags."""
     from tqdm.auto import tqdm
 
+    lm = _lm(lm)
+    model = lm.model
     require_eval(model, "MEMIT")
     cfg = config or EditConfig.memit()
     requests, layers = list(requests), sorted(int(l) for l in layers)
     if not requests or not layers:
         raise ValueError("MEMIT needs at least one request and one layer.")
+    for l in layers:
+        _check_layer(lm, l)
     L = layers[-1]
     zs, infos = [], []
     for r in tqdm(requests, desc="MEMIT targets", disable=not progress, leave=False):
-        z, info = _optimize_target(model, tokenizer, r, RESID.format(L), cfg)
+        z, info = _optimize_target(lm, r, RESID.format(L), cfg)
         zs.append(z)
         infos.append(info)
     Z = torch.stack(zs)  # [n, d_model]
@@ -362,8 +400,8 @@ def memit(model, tokenizer, requests: Sequence[Request], layers: Sequence[int],
     with contextlib.ExitStack() as stack:
         for i, l in enumerate(layers):
             name, w, transposed = mlp_out_weight(model, l)
-            K = _mean_keys(model, tokenizer, requests, l, cfg).T  # [d_mlp, n]
-            cur = _bare(model, tokenizer, requests, l, RESID.format(L))  # [n, d_model]
+            K = _mean_keys(lm, requests, l, cfg).T  # [d_mlp, n]
+            cur = _bare(lm, requests, l, RESID.format(L))  # [n, d_model]
             R = (Z - cur).T / (len(layers) - i)  # [d_model, n]
             Cl = C.get(l) if C else None
             Cl = torch.eye(K.shape[0], dtype=torch.float64) if Cl is None else Cl.double()
@@ -371,9 +409,16 @@ def memit(model, tokenizer, requests: Sequence[Request], layers: Sequence[int],
             d = _as_delta(R @ adj.T, w, transposed)
             deltas[name] = d
             stack.enter_context(Edit({name: d}).applied(model))
-        final = _bare(model, tokenizer, requests, L, RESID.format(L))
+        final = _bare(lm, requests, L, RESID.format(L))
     info = {"method": "memit", "layers": layers, "n_requests": len(requests),
             "covariance": "data" if C else "identity", "config": asdict(cfg),
             "target_rel_error": float(((final - Z).norm(dim=1) / Z.norm(dim=1)).mean()),
-            "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos))}
-    return Edit(deltas, info)
+            "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos)), "tokenization": lm.settings}
+    edit = Edit(deltas, info)
+    if outcomes:
+        per = edit_outcomes(lm, edit, requests, entropy=len(requests) <= 32)
+        for p_, i_ in zip(per, infos):
+            p_["nll_end"] = i_["nll_end"]
+        info["edits"] = per
+        info["flags"] = {f: sum(p_["flag"] == f for p_ in per) for f in ("ok", "did not take", "collapse")}
+    return edit

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..hooks import require_eval
+from ..hooks import copy_model, require_eval
 from ..results import load_result, make_result, save_result, write_json
 
 __all__ = ["ClassifierTask", "Split", "forget_split", "train_oracle", "unlearn", "METHODS", "DEFAULTS",
@@ -316,7 +316,7 @@ def located_units(model: nn.Module, task: ClassifierTask, forget_ids, source: st
     ids = np.asarray(forget_ids, dtype=np.int64)
     if n_locate is not None and n_locate < len(ids):
         ids = np.sort(ids[torch.randperm(len(ids), generator=_generator(seed, 7)).numpy()[:n_locate]])
-    m = copy.deepcopy(model).eval()
+    m = copy_model(model).eval()
     df = greedy_flip(m, task.data, ids, layers=_units(m, layers).layers, eval_size=0, seed=seed, progress=progress)
     counts = pd.Series([u for us in df.units for u in us]).value_counts(sort=False)
     counts = counts.sort_values(ascending=False, kind="stable").head(n_units)
@@ -443,7 +443,7 @@ def _optimize(model, ref, task, forget_ids, retain_ids, p: dict, seed: int, obje
 def _channel_scores(model, task, forget_ids, units, top_entries: float, batch_size: int) -> torch.Tensor:
     """DEL unit scores ``[units.total]``: per entry ``|theta * sum_forget dL/dtheta|``, per unit the mean of its
     top ``top_entries`` fraction of entries (at least one)."""
-    m = copy.deepcopy(model).eval().requires_grad_(True)
+    m = copy_model(model).eval().requires_grad_(True)
     m.zero_grad(set_to_none=True)
     for b in task.batches(forget_ids, batch_size):
         task.loss(task.logits(m, b), b).sum().backward()
@@ -506,8 +506,8 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
     if np.intersect1d(forget_ids, retain_ids).size:
         raise ValueError("forget_ids and retain_ids overlap; an example is either forgotten or retained.")
     t0 = time.perf_counter()
-    new = copy.deepcopy(model).eval()
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    new = copy_model(model).eval()
+    ref = copy_model(model).eval().requires_grad_(False)
     record: dict[str, Any] = {"method": method, "seed": seed}
     extra = getattr(task, "extra_methods", {})
     if method in extra:

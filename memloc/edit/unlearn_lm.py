@@ -2,10 +2,13 @@
 retrained without them.
 
 **Task.** :class:`LMTask` implements the task protocol of :mod:`memloc.edit.unlearn`, so :func:`~memloc.edit.
-unlearn.unlearn` runs its methods on a language model. Examples are sentences (example id = row index), stored as
-right-padded token ids; ``loss`` is the next-token NLL summed over the non-pad targets (``lm_loss(...,
-reduction="none")``), ``logits`` are ``[B, T, V]``, ``kl`` is KL(reference || model) of the next-token
-distributions summed over the non-pad positions. Each example has a *continuation*: its last ``suffix`` tokens
+unlearn.unlearn` runs its methods on a language model (any :class:`~memloc.models.lm.LM` handle: a Hugging Face
+model with a BPE tokenizer works as the testbed does). Examples are sentences (example id = row index), stored as
+right-padded token ids with their true lengths; every mask comes from the lengths, never from the pad id (with
+GPT-2's BOS = EOS = PAD = 0, a mask "id != pad" would drop each sequence's real end-of-text tokens). ``loss`` is
+the next-token NLL summed over the real targets, ``logits`` are ``[B, T, V]``, ``kl`` is KL(reference || model)
+of the next-token distributions summed over the real positions. Each example has a *continuation*: its last
+``suffix`` tokens
 (a canary's secret digits, a fact sentence's object, a profile sentence's objects); ``per_example`` gives
 ``loss``, ``suffix_loss`` (NLL of the continuation given the rest), ``suffix_exact`` (greedy decoding from the
 prefix reproduces the whole continuation: every teacher-forced argmax is right) and ``suffix_acc``.
@@ -83,32 +86,47 @@ class LMTask(Task):
     """The task protocol (:mod:`memloc.edit.unlearn`) for a language model on a list of sentences.
 
     Args:
-        tokenizer: a :class:`~memloc.data.facts.WordTokenizer` (``batch``, ``pad_id``).
-        texts: sentences (tokenized with a leading ``<bos>``) or right-padded token ids ``[N, T]``.
+        lm: the :class:`~memloc.models.lm.LM` handle (its tokenizer and BOS policy encode the texts; its model's
+            device is where batches go).
+        texts: sentences, or ``(tokens [N, T], lengths [N])`` already encoded and right-padded.
         suffix: continuation length in tokens per example (int or ``[N]``; default 1, the last token).
         info: optional per-example ``DataFrame`` (``subject, relation, prompt, target, choices``) that the
             ``rome`` method reads its requests from (:func:`lm_task` fills it).
         eval_batch_size: batch size of :meth:`per_example`.
     """
 
-    def __init__(self, tokenizer, texts, suffix=None, info: pd.DataFrame | None = None,
-                 eval_batch_size: int = 512, device: str | torch.device = "cpu"):
-        self.tokenizer, self.info, self.eval_batch_size = tokenizer, info, eval_batch_size
-        self.pad_id = int(getattr(tokenizer, "pad_id", 0))
-        if isinstance(texts, torch.Tensor):
-            self.tokens = texts.long()
-            self.lengths = (self.tokens != self.pad_id).sum(1)
-            self.texts = [tokenizer.decode(t) for t in self.tokens]
+    def __init__(self, lm, texts, suffix=None, info: pd.DataFrame | None = None, eval_batch_size: int = 512):
+        from ..models.lm import as_lm
+
+        self.lm = as_lm(lm)
+        self.info, self.eval_batch_size = info, eval_batch_size
+        if isinstance(texts, tuple) and len(texts) == 2 and isinstance(texts[0], torch.Tensor):
+            self.tokens, self.lengths = texts[0].long(), torch.as_tensor(texts[1]).long()
+            if len(self.lengths) != len(self.tokens) or int(self.lengths.max()) > self.tokens.shape[1]:
+                raise ValueError("tokens [N, T] and lengths [N] do not match.")
+            self.texts = [self.lm.decode(t[:n]) for t, n in zip(self.tokens, self.lengths)]
+        elif isinstance(texts, torch.Tensor):
+            raise ValueError("Give encoded texts as (tokens, lengths): a padded tensor alone cannot say where each "
+                             "sequence ends (its pad id may be a real token, e.g. GPT-2's end-of-text).")
         else:
             self.texts = list(texts)
-            self.tokens, self.lengths = tokenizer.batch(self.texts)
+            self.tokens, self.lengths = self.lm.batch(self.texts)
         n = len(self.tokens)
         suffix = np.broadcast_to(np.asarray(1 if suffix is None else suffix, dtype=np.int64), (n,))
         if (suffix < 1).any() or (suffix > self.lengths.numpy() - 1).any():
-            raise ValueError("Every example's suffix must be in [1, its length - 1] tokens (the first token is "
-                             "never a target).")
+            bad = int(np.flatnonzero((suffix < 1) | (suffix > self.lengths.numpy() - 1))[0])
+            raise ValueError(f"Every example's suffix must be in [1, its length - 1] tokens (the first token is never "
+                             f"a target); example {bad} has {int(self.lengths[bad])} tokens and a suffix of "
+                             f"{int(suffix[bad])}.")
         self.suffix = torch.as_tensor(suffix.copy())
-        self.device = torch.device(device)
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
 
     defaults: dict[str, dict]  # set below, after the methods are defined
     extra_methods: dict
@@ -117,7 +135,7 @@ class LMTask(Task):
         return len(self.tokens)
 
     def batch(self, ids) -> dict[str, torch.Tensor]:
-        """``tokens [B, T]`` (trimmed to the longest), ``lengths, suffix, example_id [B]``."""
+        """``tokens [B, T]`` (trimmed to the longest, on the model's device), ``lengths, suffix, example_id [B]``."""
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         T = int(self.lengths[ids].max())
         return {"tokens": self.tokens[ids, :T].to(self.device), "lengths": self.lengths[ids],
@@ -127,21 +145,25 @@ class LMTask(Task):
         """``[B, T, V]``."""
         return model(batch["tokens"])
 
+    def _real(self, batch, T: int) -> torch.Tensor:
+        """``[B, T]``: True at real positions (from the lengths)."""
+        return (torch.arange(T)[None] < batch["lengths"][:, None]).to(batch["tokens"].device)
+
     def _token_nll(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
         tgt = batch["tokens"][:, 1:]
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
-        return ce.view_as(tgt), tgt != self.pad_id
+        return ce.view_as(tgt), self._real(batch, tgt.shape[1] + 1)[:, 1:]
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """``[B]`` next-token NLL summed over the non-pad targets (as ``lm_loss(reduction="none")``)."""
+        """``[B]`` next-token NLL summed over the real targets (as ``lm_loss(reduction="none")``)."""
         ce, mask = self._token_nll(logits, batch)
         return (ce * mask).sum(1)
 
     def kl(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """``[B]`` KL(reference || model) of the next-token distributions, summed over non-pad positions."""
+        """``[B]`` KL(reference || model) of the next-token distributions, summed over real positions."""
         ref = F.log_softmax(ref_logits, -1)
         kl = (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(-1)
-        return (kl * (batch["tokens"] != self.pad_id)).sum(1)
+        return (kl * self._real(batch, kl.shape[1])).sum(1)
 
     def _suffix_mask(self, batch) -> torch.Tensor:
         """``[B, T-1]``: target positions (of ``tokens[:, 1:]``) inside each example's continuation."""
@@ -250,11 +272,11 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
 
     def fact_row(kind, f, tmpl):
         return {"kind": kind, "subject": f.subject, "relation": f.relation, "prompt": tmpl, "target": f.object,
-                "choices": " ".join(world.relations[f.relation][0]), "suffix": 1}
+                "choices": " ".join(world.relations[f.relation][0]), "continuation": f.object}
 
     def canary_row(kind, c):
         return {"kind": kind, "subject": c.name, "relation": "canary", "prompt": "the code of {} is",
-                "target": c.secret[0], "choices": " ".join(digits), "suffix": len(c.secret)}
+                "target": c.secret[0], "choices": " ".join(digits), "continuation": c.secret_text}
 
     texts = world.training_text()
     for t in texts:
@@ -264,7 +286,7 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
             rows.append(fact_row("fact", *fact_of[t]))
         elif t.split()[0] in subject_set:
             rows.append({"kind": "profile", "subject": t.split()[0], "relation": None, "prompt": None,
-                         "target": t.split()[1], "choices": None, "suffix": len(t.split()) - 1})
+                         "target": t.split()[1], "choices": None, "continuation": " ".join(t.split()[1:])})
         else:
             raise ValueError(f"Cannot tell what the training sentence {t!r} is about.")
     n_train = len(texts)
@@ -297,9 +319,29 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
                    subjects=f_subjects, n_train=n_train)
 
 
-def lm_task(tokenizer, split: LMSplit, **kw) -> LMTask:
-    """The :class:`LMTask` over a split's texts (training sentences, then holdout), with ``info`` for ``rome``."""
-    return LMTask(tokenizer, list(split.texts), suffix=split.info.suffix.to_numpy(), info=split.info, **kw)
+def continuation_tokens(lm, texts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+    """How many tokens of each text (as the handle encodes it) its continuation (the text's end) takes: the
+    tokens of the whole text minus those of the text without the continuation."""
+    out = []
+    for t, c in zip(texts, continuations):
+        if not t.endswith(c):
+            raise ValueError(f"{c!r} is not the end of {t!r}.")
+        head = t[:len(t) - len(c)].rstrip()
+        full, pre = lm.encode(t), lm.encode(head)
+        out.append(len(full) - len(pre) if full[:len(pre)] == pre else len(lm.target_ids(c, head)))
+    return np.asarray(out, dtype=np.int64)
+
+
+def lm_task(lm, split: LMSplit, **kw) -> LMTask:
+    """The :class:`LMTask` over a split's texts (training sentences, then holdout), with ``info`` for ``rome``;
+    each example's suffix is its continuation (secret digits, object, profile objects) counted in the handle's
+    tokens."""
+    from ..models.lm import as_lm
+
+    lm = as_lm(lm)
+    info = split.info.copy()
+    info["suffix"] = continuation_tokens(lm, list(split.texts), info.continuation.tolist())
+    return LMTask(lm, list(split.texts), suffix=info.suffix.to_numpy(), info=info, **kw)
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -374,9 +416,8 @@ def _continuation_prompts(task: LMTask, ids) -> tuple[torch.Tensor, torch.Tensor
         for j in range(L - k, L):
             seqs.append(toks[:j])
             targets.append(toks[j])
-    T = max(len(s) for s in seqs)
-    tokens = torch.tensor([s + [task.pad_id] * (T - len(s)) for s in seqs])
-    return tokens, torch.tensor([len(s) for s in seqs]), targets
+    tokens, lengths = task.lm.pad(seqs)
+    return tokens, lengths, targets
 
 
 def attributed_neurons(model, task: LMTask, ids, layers: Sequence[int] | None = None, ig_steps: int = 20,
@@ -402,8 +443,8 @@ def _zero_mlp_neurons(model, chosen: dict[int, list[int]]) -> dict[str, int]:
             for part in MLP_IN.format(layer).split("."):
                 mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
             conv = any(type(m).__name__ == "Conv1D" for m in mod.modules())  # Hugging Face GPT-2: [in, out]
-            i = torch.as_tensor(sorted(idx))
             for p in mod.parameters():
+                i = torch.as_tensor(sorted(idx), device=p.device)
                 if p.ndim == 2:  # nn.Linear stores [out = d_mlp, in]
                     dim = 1 if conv or p.shape[0] != d_mlp else 0
                     p.index_fill_(dim, i, 0.0)
@@ -456,14 +497,18 @@ def _rome_method(new, ref, task, forget_ids, retain_ids, p, seed, progress):
 
     from .rome import EditConfig, Request, key_second_moment, rome
 
+    from ..models.lm import LM
+
     requests = p["requests"] or _rome_requests(task, forget_ids, seed)
     cfg = EditConfig(v_steps=p["v_steps"], clamp_norm_factor=p["clamp_norm_factor"])
     train = np.union1d(forget_ids, retain_ids)
-    C = key_second_moment(ref, task.tokenizer, [task.texts[i] for i in train], p["layer"])
+    ref_lm = LM(ref, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
+    new_lm = LM(new, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
+    C = key_second_moment(ref_lm, [task.texts[i] for i in train], p["layer"])
     edits, name = [], None
     for r in tqdm(requests, desc="rome", disable=not progress, leave=False):
         req = Request(r["prompt"], r["subject"], r["target_new"], r.get("target_true"))
-        e = rome(new, task.tokenizer, req, p["layer"], C, cfg)
+        e = rome(new_lm, req, p["layer"], C, cfg, outcomes=False)
         e.apply(new)
         (name,) = e.deltas
         edits.append({**r, "nll_end": e.info["nll_end"], "rel_error": e.info["rel_error"]})
@@ -511,25 +556,26 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
     Exposure ranks the secret among all digit strings up to ``exposure_candidates`` (4 digits: 10^4, exact; about
     40 s per model on one thread), among a sample of that many beyond."""
     from ..analyses.lm import canary_extraction, exposure, fact_recall
+    from ..models.lm import LM
 
-    tok = task.tokenizer
+    lm = LM(model, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
     row: dict[str, Any] = {}
     exact = []
     if split.canaries:
         fw = _only(world, canaries=split.canaries)
-        exact.append(canary_extraction(model, tok, fw).extracted.to_numpy(bool))
-        row["forget_exposure"] = float(exposure(model, tok, fw, exposure_candidates).exposure.mean())
+        exact.append(canary_extraction(lm, fw).extracted.to_numpy(bool))
+        row["forget_exposure"] = float(exposure(lm, fw, exposure_candidates).exposure.mean())
     else:
         row["forget_exposure"] = np.nan
     if split.subjects:
-        exact.append(fact_recall(model, tok, _only(world, subjects=split.subjects), "train").correct.to_numpy(bool))
+        exact.append(fact_recall(lm, _only(world, subjects=split.subjects), "train").correct.to_numpy(bool))
     row["forget_exact"] = float(np.concatenate(exact).mean())
     others = [c for c in world.canaries if c not in split.canaries]
-    row["other_canaries"] = (float(canary_extraction(model, tok, _only(world, canaries=others)).extracted.mean())
+    row["other_canaries"] = (float(canary_extraction(lm, _only(world, canaries=others)).extracted.mean())
                              if others else np.nan)
     kept = _only(world, subjects=[s for s in world.subjects if s not in split.subjects])
-    row["recall_train"] = float(fact_recall(model, tok, kept, "train").correct.mean())
-    row["recall_heldout"] = float(fact_recall(model, tok, kept, "heldout").correct.mean())
+    row["recall_train"] = float(fact_recall(lm, kept, "train").correct.mean())
+    row["recall_heldout"] = float(fact_recall(lm, kept, "heldout").correct.mean())
     f = task.per_example(model, split.members).suffix_loss
     h = task.per_example(model, split.holdout).suffix_loss
     row["forget_loss"] = float(f.mean())
@@ -571,9 +617,9 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
         if m not in methods:
             raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
     effective = {m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods}
-    world, tok = run.world, run.tokenizer
+    world = run.world
     split = lm_forget_split(world, forget, n_holdout)
-    task = lm_task(tok, split)
+    task = lm_task(run.lm(), split)
     folder = Path(out or Path(run.path) / "unlearn") / split.name
     oracle_run = train_lm_oracle(run, split, folder / "oracle", progress=progress)
     original, oracle = run.model(), oracle_run.model()

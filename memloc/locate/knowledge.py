@@ -39,7 +39,7 @@ MLP_HIDDEN = "blocks.{}.mlp.hook_post"
 def _prob_fn(model, site: str):
     """``f(acts [R, d], tokens [R, T], last [R]) -> probs [R, vocab]`` with ``acts`` patched in at ``last``."""
     def f(acts, tokens, last):
-        rows = torch.arange(len(tokens))
+        rows = torch.arange(len(tokens), device=tokens.device)
 
         def patch(out):
             out = out.clone()
@@ -63,12 +63,16 @@ def attribute(model, tokens: torch.Tensor, lengths: torch.Tensor, targets: Seque
     """
     from captum.attr import IntegratedGradients
 
+    from ..hooks import model_device
+
     require_eval(model, "Knowledge-neuron attribution")
+    dev = model_device(model)
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"The 'steps' parameter must be an int in [2, inf). Got {steps!r} instead.")
     site = site.format(layer)
-    targets = torch.as_tensor(list(targets), dtype=torch.long)
-    last = torch.as_tensor(lengths, dtype=torch.long) - 1
+    targets = torch.as_tensor(list(targets), dtype=torch.long).to(dev)
+    tokens = torch.as_tensor(tokens).to(dev)
+    last = (torch.as_tensor(lengths, dtype=torch.long) - 1).to(dev)
     if not (len(tokens) == len(targets) == len(last)):
         raise ValueError(f"tokens ({len(tokens)}), lengths ({len(last)}) and targets ({len(targets)}) must have "
                          "the same length.")
@@ -76,7 +80,7 @@ def attribute(model, tokens: torch.Tensor, lengths: torch.Tensor, targets: Seque
     with torch.no_grad(), hooks(model, {site: lambda out: acts.append(out.detach())}):
         for s in range(0, len(tokens), 256):
             model(tokens[s:s + 256])
-    acts = torch.cat(acts)[torch.arange(len(tokens)), last].float()
+    acts = torch.cat(acts)[torch.arange(len(tokens), device=dev), last].float()
     ig = IntegratedGradients(_prob_fn(model, site))
     attrs, deltas = [], []
     for s in range(0, len(tokens), batch_size):
@@ -84,26 +88,50 @@ def attribute(model, tokens: torch.Tensor, lengths: torch.Tensor, targets: Seque
         a, d = ig.attribute(acts[sl], baselines=torch.zeros_like(acts[sl]), target=targets[sl],
                             additional_forward_args=(tokens[sl], last[sl]), n_steps=steps, method=method,
                             return_convergence_delta=True)
-        attrs.append(a.detach())
-        deltas.append(d.detach())
+        attrs.append(a.detach().cpu())
+        deltas.append(d.detach().cpu())
     return torch.cat(attrs), torch.cat(deltas)
 
 
-def _fact_prompts(world, facts, tokenizer, split: str):
-    rows, prompts = [], []
+def fact_prompt_sets(facts, split: str = "train") -> list[dict]:
+    """``[{subject, relation, object, prompts}]``: a FactWorld's facts with their ``split`` prompts, or records
+    (dicts) with ``prompts`` (a list; or one ``prompt``) and ``object`` (or ``target``)."""
+    from ..data.facts import FactWorld
+
+    if isinstance(facts, FactWorld):
+        return [{"subject": f.subject, "relation": f.relation, "object": f.object, "prompts": facts.prompts(f, split)}
+                for f in facts.facts]
+    out = []
+    for i, r in enumerate(facts):
+        if not isinstance(r, dict):
+            raise TypeError(f"Fact record {i} must be a dict with 'prompts' and 'object'; got {type(r).__name__}.")
+        prompts = r.get("prompts") or ([r["prompt"]] if r.get("prompt") else None)
+        obj = r.get("object", r.get("target"))
+        if not prompts or obj is None:
+            raise ValueError(f"Fact record {i} needs 'prompts' (or 'prompt') and 'object' (or 'target').")
+        out.append({"subject": r.get("subject"), "relation": r.get("relation"), "object": obj,
+                    "prompts": list(prompts)})
+    return out
+
+
+def _fact_prompts(lm, facts, split: str):
+    rows, prompts, targets = [], [], []
     for i, f in enumerate(facts):
-        for p in world.prompts(f, split):
+        for p in f["prompts"]:
             rows.append(i)
             prompts.append(p)
-    tokens, lengths = tokenizer.batch(prompts)
-    targets = [tokenizer.id(facts[i].object) for i in rows]
+            targets.append(lm.target_ids(f["object"], p)[0])
+    tokens, lengths = lm.batch(prompts)
     return np.array(rows), prompts, tokens, lengths, targets
 
 
-def knowledge_neurons(model, tokenizer, world, facts=None, layers: Sequence[int] | None = None, steps: int = 20,
+def knowledge_neurons(lm, facts, layers: Sequence[int] | None = None, steps: int = 20,
                       threshold: float = 0.2, share: float = 0.7, method: str = "gausslegendre",
-                      batch_size: int = 32, split: str = "train", progress: bool = True) -> pd.DataFrame:
-    """Refined knowledge neurons of each fact, from its ``split`` prompts.
+                      batch_size: int = 32, split: str = "train", limit: int | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """Refined knowledge neurons of each fact, from its prompts (a FactWorld's ``split`` templates, or records
+    with ``prompts``, see :func:`fact_prompt_sets`; the first ``limit`` facts). The attributed probability is the
+    object's first token's (Dai et al.'s objects are one token).
 
     Per prompt, neurons whose attribution is at least ``threshold`` x the prompt's maximum over all ``layers``
     (default: every layer) are coarse neurons; a fact keeps those that are coarse for at least ``share`` of its
@@ -113,7 +141,11 @@ def knowledge_neurons(model, tokenizer, world, facts=None, layers: Sequence[int]
     """
     from tqdm.auto import tqdm
 
-    facts = list(world.facts if facts is None else facts)
+    from ..models.lm import as_lm
+
+    lm = as_lm(lm)
+    model = lm.model
+    facts = fact_prompt_sets(facts, split)[:limit]
     if not facts:
         raise ValueError("No facts given.")
     if not 0 < threshold <= 1 or not 0 < share <= 1:
@@ -122,7 +154,7 @@ def knowledge_neurons(model, tokenizer, world, facts=None, layers: Sequence[int]
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
     if any(not 0 <= l < L for l in layers):
         raise ValueError(f"layers must be in [0, {L}); got {layers}.")
-    fact_of, prompts, tokens, lengths, targets = _fact_prompts(world, facts, tokenizer, split)
+    fact_of, prompts, tokens, lengths, targets = _fact_prompts(lm, facts, split)
     attr, rel = [], []
     for l in tqdm(layers, desc="knowledge neurons", disable=not progress, leave=False):
         a, d = attribute(model, tokens, lengths, targets, l, steps, method, batch_size)
@@ -137,7 +169,7 @@ def knowledge_neurons(model, tokenizer, world, facts=None, layers: Sequence[int]
         keep = torch.nonzero(frac >= share - 1e-9)
         mean_attr = attr[sel].mean(0)
         for li, n in keep.tolist():
-            rows.append({"subject": f.subject, "relation": f.relation, "object": f.object, "layer": layers[li],
+            rows.append({"subject": f["subject"], "relation": f["relation"], "object": f["object"], "layer": layers[li],
                          "neuron": n, "share": float(frac[li, n]), "attribution": float(mean_attr[li, n])})
     df = pd.DataFrame(rows, columns=["subject", "relation", "object", "layer", "neuron", "share", "attribution"])
     # completeness per layer: delta = sum(attr) - (P(a) - P(0)); relative to the output change
@@ -145,11 +177,11 @@ def knowledge_neurons(model, tokenizer, world, facts=None, layers: Sequence[int]
     change = attr.sum(2) - deltas
     rel_err = float((deltas.abs() / change.abs().clamp_min(1e-12)).mean())
     return make_result(df, layers=layers, steps=steps, method=method, threshold=threshold, share=share, split=split,
-                       n_facts=len(facts), n_prompts=len(prompts),
-                       neurons_per_fact=len(df) / len(facts), completeness_rel_error=rel_err)
+                       n_facts=len(facts), n_prompts=len(prompts), target="first token of the object",
+                       neurons_per_fact=len(df) / len(facts), completeness_rel_error=rel_err, **lm.settings)
 
 
-def intervene_knowledge_neurons(model, tokenizer, world, neurons: pd.DataFrame, factor: float = 0.0,
+def intervene_knowledge_neurons(lm, world, neurons: pd.DataFrame, factor: float = 0.0,
                                 n_unrelated: int = 5, split: str = "train", seed: int = 0) -> pd.DataFrame:
     """Scale each fact's knowledge neurons by ``factor`` (0 suppresses, 2 amplifies) and measure, per fact:
     the mean probability of its object on its own prompts before (``p_before``) and after (``p_after``), the same
@@ -157,8 +189,10 @@ def intervene_knowledge_neurons(model, tokenizer, world, neurons: pd.DataFrame, 
     ``n_unrelated`` facts of other relations (``unrelated_change``). Relative changes are ``(after - before) /
     before``. Facts without knowledge neurons are skipped.
     """
-    from ..analyses.lm import next_token_logprobs
+    from ..models.lm import as_lm
 
+    lm = as_lm(lm)
+    model = lm.model
     require_eval(model, "Knowledge-neuron intervention")
     rng = np.random.default_rng(seed)
     d_mlp = model.cfg.d_mlp
@@ -166,9 +200,8 @@ def intervene_knowledge_neurons(model, tokenizer, world, neurons: pd.DataFrame, 
     index = {(f.subject, f.relation): f for f in world.facts}
     rows = []
 
-    def probs(prompts, objects):
-        lp = next_token_logprobs(model, tokenizer, prompts)
-        return lp[torch.arange(len(prompts)), torch.tensor([tokenizer.id(o) for o in objects])].exp().numpy()
+    def probs(prompts, objects):  # P(whole object) after each prompt
+        return np.exp(lm.score(prompts, objects)["logprob"])
 
     for key, g in by_fact.items():
         f = index[key]
@@ -194,4 +227,4 @@ def intervene_knowledge_neurons(model, tokenizer, world, neurons: pd.DataFrame, 
                      "p_after": pa, "p_random": pr, "change": (pa - pb) / pb, "random_change": (pr - pb) / pb,
                      "unrelated_change": float(np.mean((after[n:] - before[n:]) / before[n:]))})
     return make_result(pd.DataFrame(rows), factor=factor, n_unrelated=n_unrelated, split=split, seed=seed,
-                       scope="activations scaled at every position")
+                       scope="activations scaled at every position", **lm.settings)

@@ -21,7 +21,7 @@ import torch
 from ..hooks import hooks, require_eval
 from ..results import make_result
 
-__all__ = ["SITES", "subject_noise_std", "trace", "trace_facts", "bucket_positions"]
+__all__ = ["SITES", "subject_noise_std", "trace", "trace_facts", "fact_requests", "bucket_positions"]
 
 SITES = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
 EMBED = "hook_embed"
@@ -30,7 +30,7 @@ EMBED = "hook_embed"
 def subject_noise_std(model, token_ids: Sequence[int]) -> float:
     """Standard deviation of the given tokens' embedding vectors, pooled over tokens and dimensions."""
     W = model.W_E if hasattr(model, "W_E") else model.embed.W_E
-    return float(W[torch.as_tensor(list(token_ids))].detach().std())
+    return float(W[torch.as_tensor(list(token_ids), device=W.device)].detach().std())
 
 
 def _window(layer: int, n_layers: int, window: int) -> range:
@@ -47,7 +47,10 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
     Returns a result with rows ``layer, position, ie`` and settings ``p_clean, p_corrupted, te, target, noise,
     samples, window, kind``.
     """
+    from ..hooks import model_device
+
     require_eval(model, "Causal tracing")
+    dev = model_device(model)
     if kind not in SITES:
         raise ValueError(f"The 'kind' parameter must be one of {sorted(SITES)}. Got {kind!r} instead.")
     if not isinstance(samples, int) or samples < 1:
@@ -66,15 +69,15 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
     clean: dict[str, torch.Tensor] = {}
     with torch.no_grad(), hooks(model, {s: (lambda out, s=s: clean.__setitem__(s, out[0].detach().clone()))
                                         for s in sites}):
-        p0 = torch.softmax(model(tokens[None])[0, -1].double(), -1)
+        p0 = torch.softmax(model(tokens[None].to(dev))[0, -1].double(), -1).cpu()
     target = int(p0.argmax()) if target is None else int(target)
     d = clean[sites[0]].shape[-1]
     g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(samples, len(subj), model.cfg.d_model, generator=g) * noise
+    eps = (torch.randn(samples, len(subj), model.cfg.d_model, generator=g) * noise).to(dev)
 
     cells = [(l, t) for l in range(L) for t in range(T)]
     n_rows = (len(cells) + 1) * samples  # block 0: corrupted only; block c+1: cell c restored
-    batch = tokens[None].expand(n_rows, T)
+    batch = tokens[None].expand(n_rows, T).to(dev)
 
     def corrupt(out):
         out = out.clone()
@@ -90,7 +93,7 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
                 rows.append(r)
                 pos.append(torch.full_like(r, t))
         if rows:
-            restore[sites[l]] = (torch.cat(rows), torch.cat(pos))
+            restore[sites[l]] = (torch.cat(rows).to(dev), torch.cat(pos).to(dev))
 
     def make_restore(site):
         rows, pos = restore[site]
@@ -103,7 +106,7 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
 
     fns = {EMBED: corrupt, **{s: make_restore(s) for s in restore}}
     with torch.no_grad(), hooks(model, fns):
-        p = torch.softmax(model(batch)[:, -1].double(), -1)[:, target].view(len(cells) + 1, samples).mean(1)
+        p = torch.softmax(model(batch)[:, -1].double(), -1)[:, target].view(len(cells) + 1, samples).mean(1).cpu()
     p_corrupt = float(p[0])
     ie = (p[1:] - p[0]).numpy()
     df = pd.DataFrame({"layer": [l for l, _ in cells], "position": [t for _, t in cells], "ie": ie})
@@ -130,37 +133,76 @@ def bucket_positions(T: int, subject_positions: Sequence[int]) -> list[str]:
     return out
 
 
-def trace_facts(model, tokenizer, world, facts=None, kind: str = "resid", samples: int = 10, window: int = 1,
-                seed: int = 0, only_known: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Trace each fact's first training prompt; rows ``subject, relation, layer, position, bucket, ie, te``.
+def fact_requests(facts, split: str = "train") -> list[dict]:
+    """``[{prompt (with {}), subject, target, relation}]``: a FactWorld's facts on their first ``split`` template,
+    or records (dicts, EditRecords) with ``prompt``, ``subject`` and ``target`` / ``target_true`` / ``object``."""
+    from ..data.facts import FactWorld
 
-    The noise scale is 3 x the std of all subjects' embeddings (Meng et al.'s ``s3``). Facts the model does not
-    predict correctly are skipped when ``only_known`` (as in the reference).
+    if isinstance(facts, FactWorld):
+        return [{"prompt": facts.relations[f.relation][1 if split == "train" else 2][0].replace("{s}", "{}"),
+                 "subject": f.subject, "target": f.object, "relation": f.relation} for f in facts.facts]
+    out = []
+    for i, r in enumerate(facts):
+        get = (lambda k, r=r: getattr(r, k, None)) if not isinstance(r, dict) else r.get
+        target = get("target") or get("target_true") or get("object")
+        if get("prompt") is None or get("subject") is None or target is None:
+            raise ValueError(f"Fact record {i} needs 'prompt' (with {{}}), 'subject' and 'target' (or target_true / "
+                             "object).")
+        if isinstance(target, dict):
+            target = target.get("str")
+        if get("prompt").count("{}") != 1:
+            raise ValueError(f"Fact record {i}: the prompt must contain '{{}}' once, where the subject goes; got "
+                             f"{get('prompt')!r}.")
+        out.append({"prompt": get("prompt"), "subject": get("subject"), "target": target,
+                    "relation": get("relation")})
+    return out
+
+
+def trace_facts(lm, facts, kind: str = "resid", samples: int = 10, window: int = 1, seed: int = 0,
+                only_known: bool = True, limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Trace each fact (a FactWorld's facts on their first training template, or records, see
+    :func:`fact_requests`; the first ``limit`` of them); rows ``subject, relation, layer, position, bucket, ie,
+    te``.
+
+    The subject's tokens are found from character offsets (multi-token subjects work); the traced token is the
+    target's first token. The noise scale is 3 x the std of the embeddings of all facts' subject tokens (Meng
+    et al.'s ``s3``). Facts whose first target token the model does not predict top-1 are skipped when
+    ``only_known`` (as in the reference).
     """
     from tqdm.auto import tqdm
 
-    facts = list(world.facts if facts is None else facts)
-    subj_ids = [tokenizer.id(s) for s in world.subjects]
-    noise = 3.0 * subject_noise_std(model, subj_ids)
+    from ..models.lm import as_lm
+
+    lm = as_lm(lm)
+    model = lm.model
+    reqs = fact_requests(facts)
+    if not reqs:
+        raise ValueError("No facts to trace.")
+    prepared = []
+    for r in reqs:
+        text = r["prompt"].format(r["subject"])
+        ids = lm.encode(text)
+        pos = lm.span(text, r["subject"], start=r["prompt"].index("{}"))
+        prepared.append((r, ids, pos, lm.target_ids(r["target"], text)[0]))
+    subj_ids = sorted({ids[p] for _, ids, pos, _ in prepared for p in pos})
+    noise = 3.0 * subject_noise_std(model, subj_ids)  # over the subjects of every fact given
     frames = []
-    for f in tqdm(facts, desc=f"trace ({kind})", disable=not progress, leave=False):
-        prompt = world.prompts(f, "train")[0]
-        ids = tokenizer.encode(prompt)
-        pos = [i for i, t in enumerate(ids) if t == tokenizer.id(f.subject)]
-        target = tokenizer.id(f.object)
-        df = trace(model, ids, pos, target, kind, noise, samples, window, seed)
-        st = df.attrs["settings"]
+    for r, ids, pos, target in tqdm(prepared[:limit], desc=f"trace ({kind})", disable=not progress, leave=False):
         if only_known:
             with torch.no_grad():
-                if int(model(torch.tensor([ids]))[0, -1].argmax()) != target:
+                if int(lm.logits(torch.tensor([ids]))[0, -1].argmax()) != target:
                     continue
+        df = trace(model, ids, pos, target, kind, noise, samples, window, seed)
+        st = df.attrs["settings"]
         df["bucket"] = [bucket_positions(len(ids), pos)[t] for t in df.position]
         df["te"] = st["te"]
-        df.insert(0, "relation", f.relation)
-        df.insert(0, "subject", f.subject)
+        df.insert(0, "relation", r["relation"])
+        df.insert(0, "subject", r["subject"])
         frames.append(df)
     if not frames:
-        raise ValueError("No fact was traced (none predicted correctly?).")
+        raise ValueError("No fact was traced (the model predicts none of their first target tokens top-1; pass "
+                         "only_known=False to trace them anyway).")
     out = pd.concat(frames, ignore_index=True)
     return make_result(out, kind=kind, samples=samples, window=window, seed=seed, noise=noise,
-                       noise_rule="3 x std of subject embeddings", n_facts=len(frames))
+                       noise_rule="3 x std of subject-token embeddings", n_facts=len(frames),
+                       target="first token of the target", **lm.settings)

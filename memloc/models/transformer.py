@@ -39,15 +39,17 @@ def build_tiny_transformer(config: dict, seed: int = 0):
         return TransformerBridge.boot_native(dict(config))
 
 
-def lm_loss(model, tokens: torch.Tensor, pad_id: int = 0, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of ``tokens [B, T]``, padding masked; ``reduction="none"`` gives ``[B]`` sums."""
+def lm_loss(model, tokens: torch.Tensor, lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of right-padded ``tokens [B, T]`` whose real lengths are ``lengths [B]`` (the
+    padding is masked by position, never by token id); ``reduction="none"`` gives ``[B]`` sums."""
     logits = model(tokens)
     tgt = tokens[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
-    ce = ce.view_as(tgt) * (tgt != pad_id)
+    real = torch.arange(tgt.shape[1], device=tgt.device)[None] < (torch.as_tensor(lengths, device=tgt.device)[:, None] - 1)
+    ce = ce.view_as(tgt) * real
     if reduction == "none":
         return ce.sum(1)
-    return ce.sum() / (tgt != pad_id).sum()
+    return ce.sum() / real.sum()
 
 
 class LMRun:
@@ -66,12 +68,26 @@ class LMRun:
         p = self.path / "summary.json"
         return read_json(p) if p.exists() else None
 
-    def model(self):
+    def model(self, device: str | torch.device = "cpu"):
         from safetensors.torch import load_file
+
+        from ..hooks import resolve_device
 
         model = build_tiny_transformer(self.config["model"], seed=self.config["seed"])
         model.load_state_dict(load_file(str(self.path / "model.safetensors")))
+        dev = resolve_device(device)
+        if dev.type != "cpu":  # the bridge prints on every move; it is built on the CPU
+            model = model.to(dev)
         return model.eval()
+
+    def lm(self, prepend_bos: bool | None = None, device: str | torch.device = "cpu"):
+        """The run's model and word tokenizer as an :class:`~memloc.models.lm.LM` handle (``<bos>`` first, as
+        the testbed was trained)."""
+        from .lm import LM
+
+        m = self.config["model"]
+        return LM(self.model(device), self.tokenizer, prepend_bos,
+                  name=f"memloc word testbed {self.path} ({m['n_layers']} layers, d_model {m['d_model']})")
 
 
 def _save_model(model, path: Path) -> None:
@@ -82,14 +98,15 @@ def _save_model(model, path: Path) -> None:
         save_file(state, str(tmp))
 
 
-def _train_epoch(model, opt, tokens: torch.Tensor, batch_size: int, seed: int, epoch: int, pad_id: int):
-    """One epoch over ``tokens`` in an order seeded by ``(seed, epoch)``; returns the last batch's loss."""
+def _train_epoch(model, opt, tokens: torch.Tensor, lengths: torch.Tensor, batch_size: int, seed: int, epoch: int):
+    """One epoch over right-padded ``tokens`` (real ``lengths``) in an order seeded by ``(seed, epoch)``; returns
+    the last batch's loss."""
     model.train()
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     loss = None
     for b in range(math.ceil(len(tokens) / batch_size)):
-        batch = tokens[order[b * batch_size:(b + 1) * batch_size]]
-        loss = lm_loss(model, batch, pad_id)
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        loss = lm_loss(model, tokens[idx], lengths[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,6 +125,7 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
     returned as is (``overwrite`` retrains).
     """
     from ..analyses.lm import canary_extraction, fact_recall
+    from .lm import LM
 
     out = Path(out)
     if (out / "summary.json").exists() and not overwrite:
@@ -130,10 +148,11 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
     recall = canaries = None
     epoch = 0
     for epoch in bar:
-        loss = _train_epoch(model, opt, tokens, batch_size, seed, epoch, tok.pad_id)
+        loss = _train_epoch(model, opt, tokens, lengths, batch_size, seed, epoch)
         if epoch % 5 == 0 or epoch == epochs:
-            recall = float(fact_recall(model, tok, world, "train").correct.mean())
-            canaries = canary_extraction(model, tok, world)
+            lm = LM(model.eval(), tok)
+            recall = float(fact_recall(lm, world, "train").correct.mean())
+            canaries = canary_extraction(lm, world)
             repeated = canaries[canaries.repeats > 1].extracted
             bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall:.3f}",
                             canaries=f"{canaries.extracted.mean():.2f}")
@@ -141,12 +160,13 @@ def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: i
                 break
     model.eval()
     _save_model(model, out / "model.safetensors")
-    held = fact_recall(model, tok, world, "heldout")
+    lm = LM(model, tok)
+    held = fact_recall(lm, world, "heldout")
     summary = {"epochs": epoch, "seconds": round(time.perf_counter() - t0, 1),
-               "fact_recall_train_templates": float(fact_recall(model, tok, world, "train").correct.mean()),
+               "fact_recall_train_templates": float(fact_recall(lm, world, "train").correct.mean()),
                "fact_recall_heldout_templates": float(held.correct.mean()),
                "canaries_extracted": {str(r): float(g.extracted.mean()) for r, g in
-                                      canary_extraction(model, tok, world).groupby("repeats")},
+                                      canary_extraction(lm, world).groupby("repeats")},
                **settings}
     write_json(summary, out / "summary.json")
     return LMRun(out)
