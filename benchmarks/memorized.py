@@ -33,7 +33,7 @@ def main():
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(2000)]
     texts = [" ".join(rng.choice(words, 72)) for _ in range(256)]
-    seen, unseen = texts[:64], texts[64:]
+    seen = texts[:64]  # the other 192 are never trained on
     tok = WordTokenizer(words)
     model = build_tiny_transformer(tiny_transformer_config(len(tok), 4, 256, 4, 1024, 80), seed=0)
     tokens, lengths = tok.batch(seen * 4)

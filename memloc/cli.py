@@ -481,7 +481,9 @@ def _memorized(a: argparse.Namespace) -> None:
     print(f"k-extractable (greedy, prefix {a.prefix_tokens} tokens, continuation {a.suffix_tokens}): "
           f"{int(el.extractable.sum())} of {len(el)} ({el.extractable.mean():.1%}); mean match fraction "
           f"{el.match_fraction.mean():.3f}, mean continuation NLL {el.loss.mean():.3f}")
-    with __import__("pandas").option_context("display.width", 200, "display.max_colwidth", 40):
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_colwidth", 40):
         print(el.sort_values(["extractable", "match_fraction"], ascending=False)[
             ["text_id", "extractable", "match_fraction", "loss", "suffix"]].head(20).to_string(index=False))
     if out is not None:
@@ -549,7 +551,9 @@ def _edit(a: argparse.Namespace) -> None:
               f"{st['prepend_bos']}. Percent:")
         cols = [c for c in ("condition", "n", "es", "top1", "ps", "ns", "neighbour_acc", "other_acc", "unedited_acc",
                             "fluency", "S", "took", "flag_did_not_take", "flag_collapse") if c in table]
-        with __import__("pandas").option_context("display.width", 220, "display.max_columns", 30):
+        import pandas as pd
+
+        with pd.option_context("display.width", 220, "display.max_columns", 30):
             print(table[cols].to_string(index=False))
         print(f"wrote {out}/ (one parquet per condition, summary.parquet, summary.png)")
         return
@@ -568,9 +572,10 @@ def _edit(a: argparse.Namespace) -> None:
     template = world.relations[a.relation][1][0].replace("{s}", "{}")
     from .data.records import EditRecord
     others = [g for g in world.facts if g.subject == fact.subject and g.relation != fact.relation]
+    neighbours = world.neighbours(fact)
     rec = EditRecord(template, a.subject, a.new, fact.object, paraphrase_prompts=tuple(world.prompts(fact, "heldout")),
-                     neighborhood_prompts=tuple(world.prompts(g)[0] for g in world.neighbours(fact)),
-                     neighborhood_targets=tuple(g.object for g in world.neighbours(fact)),
+                     neighborhood_prompts=tuple(world.prompts(g)[0] for g in neighbours),
+                     neighborhood_targets=tuple(g.object for g in neighbours),
                      other_prompts=tuple(world.prompts(g)[0] for g in others),
                      other_targets=tuple(g.object for g in others), case_id=f"{a.subject}/{a.relation}")
     C = key_second_moment(lm, world.training_text(), a.layer) if a.covariance == "data" else None

@@ -42,7 +42,7 @@ def test_tokenizer_round_trip():
 def test_testbed_memorizes_facts_and_repeated_canaries(lm):
     s = lm.summary
     assert s["fact_recall_train_templates"] >= 0.95
-    model, tok, world = lm.model(), lm.tokenizer, lm.world
+    model, world = lm.model(), lm.world
     assert not model.training
     h = lm.lm()
     assert canary_extraction(h, world).query("repeats > 1").extracted.all()
@@ -73,7 +73,7 @@ def test_causal_tracing_sanity(lm):
 
 
 def test_trace_facts_finds_the_fact_at_the_subject(lm):
-    model, tok, world = lm.model(), lm.tokenizer, lm.world
+    world = lm.world
     df = trace_facts(lm.lm(), world, kind="resid", samples=5, limit=12, progress=False)
     assert df.attrs["settings"]["n_facts"] >= 6
     early = df[df.layer == 0].groupby("bucket").ie.mean()

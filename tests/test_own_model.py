@@ -1,7 +1,6 @@
 """Your own classifier: a model class defined here (BatchNorm, a residual block, its own module names), trained
 in a plain loop that writes ``torch.save`` state dicts, and every run-level method of memloc on it."""
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F

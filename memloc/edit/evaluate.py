@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..results import make_result
-from .rome import Request
+
 
 __all__ = ["make_requests", "world_facts_outside", "request_scores", "batch_scores", "summarize",
            "generation_entropy", "ngram_entropy", "single_edits", "many_edits", "compare_editors", "evaluate_requests",
@@ -50,13 +50,14 @@ def _lm(lm):
 
 
 def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinct_subjects: bool = True,
-                  n_neighbours: int = 5):
+                  n_neighbours: int = 5, exclude_edited: bool = False):
     """``n`` seeded :class:`~memloc.data.records.EditRecord` s on a fact world: random facts, each rewritten to a
     random other object of its relation on training template ``template``; paraphrases are the relation's held-out
     templates (also the generation prompts), neighbours ``n_neighbours`` other subjects of the relation (those
-    sharing the true object first, as in CounterFact; never one whose object is the new one, never an edited
-    subject), ``other`` the subject's facts of the other relations. ``distinct_subjects`` draws at most one fact
-    per subject."""
+    sharing the true object first, as in CounterFact; never one whose object is the new one; with
+    ``exclude_edited``, never a subject any of the ``n`` records edits: for edits applied together), ``other``
+    the subject's facts of the other relations. ``distinct_subjects`` draws at most one fact per subject. The same
+    seed gives the same requests with or without ``exclude_edited``; only neighbours differ."""
     from ..data.records import EditRecord
 
     rng = np.random.default_rng(seed)
@@ -75,12 +76,13 @@ def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinc
     else:
         raise ValueError(f"The world has only {len(picked)} {'subjects' if distinct_subjects else 'facts'}; "
                          f"asked for {n} requests.")
-    edited = {f.subject for f, _ in picked}
+    edited = {f.subject for f, _ in picked} if exclude_edited else set()
     out = []
     for f, new in picked:
         objs, train, held = world.relations[f.relation]
         nrng = np.random.default_rng(seed + world.subjects.index(f.subject))
-        same = [g for g in world.facts if g.relation == f.relation and g.subject not in edited]
+        same = [g for g in world.facts if g.relation == f.relation and g.subject != f.subject
+                and g.subject not in edited]
         first = [g for g in same if g.object == f.object]
         rest = [g for g in same if g.object not in (f.object, new)]
         nb = [first[i] for i in nrng.permutation(len(first))[:n_neighbours]]
@@ -332,7 +334,8 @@ def compare_editors(lm, world, out=None, n: int = 100, layer: int = 0, memit_lay
     from .rome import EditConfig, key_second_moment
 
     lm = _lm(lm)
-    records = make_requests(world, n, seed, n_neighbours=n_neighbours)
+    records = make_requests(world, n, seed, n_neighbours=n_neighbours)  # single edits: CounterFact's neighbours
+    together = make_requests(world, n, seed, n_neighbours=n_neighbours, exclude_edited=True)  # no edited neighbour
     unedited = world_facts_outside(world, records)
     text = world.training_text()
     memit_config = memit_config or EditConfig.memit(**TESTBED_MEMIT)
@@ -348,10 +351,10 @@ def compare_editors(lm, world, out=None, n: int = 100, layer: int = 0, memit_lay
         f"rome_L{layer}_C_data": lambda: single_edits(lm, records, layer, C(layer), fluency=fluency, progress=progress),
         f"rome_L{layer}_C_identity": lambda: single_edits(lm, records, layer, None, fluency=fluency,
                                                           progress=progress),
-        "unedited_batch": lambda: make_result(batch_scores(lm, records, unedited), method="none"),
-        f"memit_{n}": lambda: many_edits(lm, records, "memit", memit_layers, {l: C(l) for l in memit_layers},
+        "unedited_batch": lambda: make_result(batch_scores(lm, together, unedited), method="none"),
+        f"memit_{n}": lambda: many_edits(lm, together, "memit", memit_layers, {l: C(l) for l in memit_layers},
                                          memit_config, unedited, progress),
-        f"sequential_rome_{n}": lambda: many_edits(lm, records, "sequential", [layer], {layer: C(layer)}, None,
+        f"sequential_rome_{n}": lambda: many_edits(lm, together, "sequential", [layer], {layer: C(layer)}, None,
                                                    unedited, progress),
     }
     frames = {}

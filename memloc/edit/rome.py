@@ -151,7 +151,8 @@ def subject_last_index(lm, prompt: str, subject: str) -> int:
 def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, torch.nn.Parameter, bool]:
     """``(parameter name, weight, transposed)`` of layer ``layer``'s MLP output matrix. ``transposed`` is True for
     Hugging Face ``Conv1D`` weights stored ``[in, out]`` (GPT-2); ``nn.Linear`` stores ``[out, in]``."""
-    model = getattr(model, "model", model) if not hasattr(model, "named_parameters") else model
+    if not hasattr(model, "named_parameters"):  # an LM handle
+        model = model.model
     mod = model
     try:
         for part in module.format(layer).split("."):
