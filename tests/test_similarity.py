@@ -23,7 +23,7 @@ def ref_cca(acts1, acts2):
 
     def positivedef_matrix_sqrt(a):
         w, v = np.linalg.eigh(a)
-        wsqrt = np.sqrt(w)
+        wsqrt = np.sqrt(np.clip(w, 0, None))  # google: np.sqrt(w), NaN (then LinAlgError) on round-off below 0
         return v @ np.diag(wsqrt) @ v.T
 
     invsqrt_xx = positivedef_matrix_sqrt(np.linalg.pinv(sxx))
@@ -31,6 +31,13 @@ def ref_cca(acts1, acts2):
     arr = invsqrt_xx @ sxy @ invsqrt_yy
     u, s, v = np.linalg.svd(arr)
     return u, np.abs(s), v
+
+
+def sum_threshold(array, threshold):
+    """google/svcca cca_core.sum_threshold, verbatim."""
+    for i in range(len(array)):
+        if np.sum(array[:i]) / np.sum(array) >= threshold:
+            return i
 
 
 def ref_pwcca(acts1, acts2):
@@ -70,10 +77,26 @@ def test_cca_matches_google_svcca(pair):
     s = cca_coefficients(x, y)
     assert np.allclose(s, s_ref[:len(s)], atol=1e-9)
     assert abs(mean_cca(x, y) - s_ref.mean()) < 1e-9
-    # google's result["mean"] is the mean of the coefficients covering 98% of their sum
-    cs = np.cumsum(s_ref)
-    idx = int(np.argmax(cs >= 0.98 * cs[-1]))
-    assert abs(cca_summary(x, y)["mean_thresholded"] - s_ref[:idx].mean()) < 1e-9
+    # google's result["mean"] = mean(s[:sum_threshold(s, 0.98)])
+    for t in (0.98, 0.9, 0.5, 1.0):
+        assert abs(cca_summary(x, y, t)["mean_thresholded"] - np.mean(s_ref[:sum_threshold(s_ref, t)])) < 1e-9
+
+
+def test_thresholded_mean_keeps_the_coefficient_that_reaches_the_threshold():
+    """google/svcca's sum_threshold returns the first i with sum(s[:i]) >= t * sum(s): the coefficient that crosses
+    the threshold is kept (memloc kept one fewer before)."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(3000, 6))
+    x = z @ rng.normal(size=(6, 12)) + rng.normal(size=(3000, 12))
+    y = z @ rng.normal(size=(6, 9)) + rng.normal(size=(3000, 9))
+    s = cca_coefficients(x, y)
+    i = sum_threshold(s, 0.98)
+    assert i is None or 0 < i < len(s)
+    got = cca_summary(x, y)["mean_thresholded"]
+    assert abs(got - np.mean(s[:i])) < 1e-12
+    assert abs(got - np.mean(s[:(i or len(s)) - 1])) > 1e-4  # the old answer
+    with pytest.raises(ValueError, match="'threshold' parameter"):
+        cca_summary(x, y, 0.0)
 
 
 def test_pwcca_reference_mode_matches_google_and_works_in_both_orders(pair):
@@ -82,6 +105,26 @@ def test_pwcca_reference_mode_matches_google_and_works_in_both_orders(pair):
     assert abs(pwcca(x, y, reference=True) - ref) < 1e-8
     assert abs(pwcca(y, x, reference=True) - ref) < 1e-8  # the reference raises IndexError in this order
     assert abs(pwcca(x, y) - pwcca(y, x)) < 1e-12
+
+
+def test_pwcca_reference_mode_with_dead_units_matches_google(pair):
+    """A ReLU layer's dead (all-zero) or constant units: google's compute_pwcca keeps them (epsilon=0), each adding a
+    zero coefficient, and returns a value; memloc's reference mode raised LinAlgError (Cholesky of a singular
+    basis) when such a unit came last."""
+    x, y = pair
+    for pos, value in ((0, 0.0), (12, 1.0), (30, 0.0)):  # (30, 0.0): the old code's LinAlgError
+        xd = np.insert(x, pos, value, axis=1)
+        ref = ref_pwcca(xd.T, y.T)
+        assert np.isfinite(ref)
+        assert abs(pwcca(xd, y, reference=True) - ref) < 1e-9
+        assert abs(pwcca(y, xd, reference=True) - ref) < 1e-9
+    xd = np.insert(x, 0, 0.0, axis=1)
+    assert abs(pwcca(xd, y, reference=True) - pwcca(x, y, reference=True)) > 1e-3  # the dead unit counts
+    assert abs(pwcca(xd, y) - pwcca(x, y)) < 1e-9  # memloc's own PWCCA drops null directions
+    # epsilon > 0 drops the dead unit, as google's remove_small does
+    assert abs(pwcca(xd, y, reference=True, epsilon=1e-8) - pwcca(x, y, reference=True)) < 1e-6
+    with pytest.raises(ValueError, match="'epsilon' parameter"):
+        pwcca(x, y, epsilon=1e-3)
 
 
 def test_pwcca_centred_is_shift_invariant_reference_is_not(pair):

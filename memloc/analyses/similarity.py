@@ -21,7 +21,8 @@ Choices, documented because the reference code differs:
   its canonical variate accounts for: ``alpha_i = sum_j |<h_i, x_j>|`` with ``h_i`` the (orthonormal) canonical
   variates of the side with fewer features and ``x_j`` its centred neurons. It works in both argument orders.
   The reference uses uncentred neurons (so adding a constant changes it) and unwhitened directions, and fails
-  when the first matrix is the larger; ``reference=True`` reproduces its formula (without the failure).
+  when the first matrix is the larger; ``reference=True`` reproduces its computation step by step (without the
+  failure), dead units included.
 - **CKA** is linear CKA in feature space; ``debiased=True`` uses the unbiased HSIC estimator.
   :class:`MinibatchCKA` accumulates the unbiased HSIC over batches (Nguyen et al. 2021), so CKA over many
   examples never needs them all in memory; with one batch it equals debiased CKA exactly.
@@ -116,14 +117,17 @@ def mean_cca(x, y) -> float:
 def cca_summary(x, y, threshold: float = 0.98) -> dict:
     """Named summaries of the CCA coefficients: ``mean``, ``mean_squared``, ``mean_thresholded`` (google/svcca's
     ``result["mean"]``: mean of the leading coefficients covering ``threshold`` of their sum), ``coefficients``."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"The 'threshold' parameter must be in (0, 1]. Got {threshold!r} instead.")
     s = cca_coefficients(x, y)
     if s.size == 0:
         return {"mean": 0.0, "mean_squared": 0.0, "mean_thresholded": 0.0, "coefficients": s}
+    # google/svcca sum_threshold: the first i with sum(s[:i]) >= threshold * sum(s), i.e. the coefficients up to and
+    # including the first whose cumulative sum reaches the threshold (all of them when only the last one does)
     cum = np.cumsum(s)
-    idx = int(np.argmax(cum >= threshold * cum[-1])) if cum[-1] > 0 else len(s) - 1
-    idx = len(s) if idx == len(s) - 1 else idx  # the reference keeps all when only the last one reaches it
+    keep = int(np.argmax(cum / cum[-1] >= threshold)) + 1 if cum[-1] > 0 else len(s)
     return {"mean": float(s.mean()), "mean_squared": float((s ** 2).mean()),
-            "mean_thresholded": float(s[:max(idx, 1)].mean()), "coefficients": s}
+            "mean_thresholded": float(s[:keep].mean()), "coefficients": s}
 
 
 def _top_directions(a: np.ndarray, keep_variance: float | None, k: int | None, variance: str) -> np.ndarray:
@@ -176,34 +180,73 @@ def svcca(x, y, keep_variance: float = 0.99, k: int | None = None,
     return svcca_details(x, y, keep_variance, k, variance)["svcca"]
 
 
-def pwcca(x, y, reference: bool = False) -> float:
+def _pwcca_google(x: np.ndarray, y: np.ndarray, epsilon: float) -> float:
+    """google/svcca ``compute_pwcca(x.T, y.T, epsilon)`` step by step (``get_cca_similarity``'s covariance rescaling,
+    ``remove_small``, pseudo-inverse square roots, SVD; directions ``u^T (x - mean) + mean`` orthonormalised by QR;
+    weights from the uncentred neurons), with the side of fewer features passed first (the reference raises
+    IndexError otherwise) and negative round-off eigenvalues of the pseudo-inverse clipped to 0 (the reference takes
+    their square root and fails with "SVD did not converge")."""
+    if x.shape[1] > y.shape[1]:
+        x, y = y, x
+    a1, a2 = x.T, y.T  # neurons x datapoints
+    n1 = len(a1)
+    cov = np.cov(a1, a2)
+    sxx, sxy, syy = cov[:n1, :n1], cov[:n1, n1:], cov[n1:, n1:]
+    xmax, ymax = np.max(np.abs(sxx)), np.max(np.abs(syy))
+    if xmax == 0 or ymax == 0:
+        return 0.0
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
+    xi, yi = np.abs(np.diag(sxx)) >= epsilon, np.abs(np.diag(syy)) >= epsilon
+    if not xi.any() or not yi.any():
+        return 0.0  # the reference's all-zero result
+    sxx, syy, sxy = sxx[xi][:, xi], syy[yi][:, yi], sxy[xi][:, yi]
+
+    def invsqrt(c):
+        w, v = np.linalg.eigh(np.linalg.pinv(c + epsilon * np.eye(len(c))))
+        return v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    u, s, vt = np.linalg.svd(invsqrt(sxx) @ sxy @ invsqrt(syy))
+    s = np.abs(s)
+    if xi.sum() <= yi.sum():
+        acts, coef = a1[xi], u.T
+    else:  # the reference indexes acts1 here (google/svcca#9); the y side is meant
+        acts, coef = a2[yi], vt
+    mu = acts.mean(1, keepdims=True)
+    q, _ = np.linalg.qr((coef @ (acts - mu) + mu).T)
+    weights = np.abs(q.T @ acts.T).sum(1)
+    weights = weights / weights.sum()
+    return float(np.sum(weights * s))
+
+
+def pwcca(x, y, reference: bool = False, epsilon: float = 0.0) -> float:
     """Projection-weighted CCA (Morcos et al. 2018) of ``x [n, p1]`` and ``y [n, p2]`` (examples x features).
 
     Default: weights from the centred neurons and the whitened canonical variates of the side with fewer
-    features (see the module docstring). ``reference=True`` follows google/svcca ``compute_pwcca``: directions
-    ``u^T (x - mean) + mean`` orthonormalised by QR, weights from the uncentred neurons (order-independent here).
+    features (see the module docstring). ``reference=True`` follows google/svcca ``compute_pwcca(x.T, y.T,
+    epsilon)`` step by step, in either argument order: directions ``u^T (x - mean) + mean`` orthonormalised by QR,
+    weights from the uncentred neurons; ``epsilon`` drops neurons whose variance (relative to the layer's largest)
+    is below it and regularises, as there. Dead (constant) units are kept at ``epsilon=0``, as in the reference:
+    each adds a zero coefficient that still takes a share of the weights, so they lower the value.
     """
     x, y = _pair(x, y)
+    if reference:
+        if not epsilon >= 0:
+            raise ValueError(f"The 'epsilon' parameter must be a float >= 0. Got {epsilon!r} instead.")
+        if len(x) <= max(x.shape[1], y.shape[1]):
+            raise ValueError(f"CCA needs more examples than features: got {len(x)} examples for {x.shape[1]} and "
+                             f"{y.shape[1]} features.")
+        return _pwcca_google(x, y, float(epsilon))
+    if epsilon:
+        raise ValueError("The 'epsilon' parameter applies to reference=True only (the default drops directions of "
+                         "zero variance itself).")
     r = _cca(x, y)
     s = r["s"]
     if s.size == 0:
         return 0.0
     side = "x" if x.shape[1] <= y.shape[1] else "y"
-    raw, cen, cov, a = (x, r["xc"], r["sxx"], r["ax"]) if side == "x" else (y, r["yc"], r["syy"], r["ay"])
-    if reference:
-        # google/svcca compute_pwcca on the side with fewer features (the reference raises IndexError when that
-        # is its second argument). Its "+ mean" makes the value depend on the signs LAPACK gives u, so u comes
-        # from the SVD of the very matrix the reference builds, isx @ sxy @ isy (from our eigendecompositions).
-        # The QR basis of the directions is obtained from a Cholesky factor instead (|weights| ignore signs).
-        isx, isy = r["wx"] @ r["vx"].T, r["wy"] @ r["vy"].T
-        arr = isx @ r["sxy"] @ isy if side == "x" else isy @ r["sxy"].T @ isx
-        u = np.linalg.svd(arr)[0]
-        dirns = cen @ u + raw.mean(0)[None, :]
-        chol = np.linalg.cholesky(dirns.T @ dirns)
-        weights = np.abs(np.linalg.solve(chol, dirns.T @ raw)).sum(1)[:len(s)]
-    else:
-        # canonical variates h = cen @ a are orthonormal, so sum_j |<h_i, x_j>| = |a^T cov|, no n-sized product
-        weights = np.abs(a.T @ cov).sum(1)
+    a, cov = (r["ax"], r["sxx"]) if side == "x" else (r["ay"], r["syy"])
+    # canonical variates h = cen @ a are orthonormal, so sum_j |<h_i, x_j>| = |a^T cov|, no n-sized product
+    weights = np.abs(a.T @ cov).sum(1)
     weights = weights / weights.sum()
     return float((weights * s).sum())
 
