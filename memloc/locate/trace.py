@@ -21,7 +21,7 @@ import torch
 from ..hooks import hooks, require_eval
 from ..results import make_result
 
-__all__ = ["SITES", "subject_noise_std", "trace", "trace_facts", "fact_requests", "bucket_positions"]
+__all__ = ["SITES", "subject_noise_std", "subject_embedding_std", "rome_noise", "trace", "trace_facts", "fact_requests", "bucket_positions"]
 
 SITES = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
 EMBED = "hook_embed"
@@ -33,16 +33,44 @@ def subject_noise_std(model, token_ids: Sequence[int]) -> float:
     return float(W[torch.as_tensor(list(token_ids), device=W.device)].detach().std())
 
 
+def subject_embedding_std(lm, subjects: Sequence[str]) -> float:
+    """kmeng01/rome's ``collect_embedding_std``: each subject tokenized on its own (no BOS), the token embeddings of
+    all their tokens (repeats included) pooled, and the standard deviation over tokens and dimensions."""
+    from ..models.lm import as_lm
+
+    lm = as_lm(lm)
+    ids = [i for s in subjects for i in lm.encode(s, bos=False)]
+    if not ids:
+        raise ValueError("subject_embedding_std needs at least one subject with tokens.")
+    return subject_noise_std(lm.model, ids)
+
+
+def rome_noise(scale: float, n_subject: int, d_model: int, samples: int = 10, seed: int = 1) -> torch.Tensor:
+    """kmeng01/rome's corruption, ``[samples, n_subject, d_model]`` (float64): ``scale`` x
+    ``numpy.random.RandomState(seed).randn(samples, n_subject, d_model)`` (its ``trace_with_patch`` draws this
+    anew, seed 1, for every call, so every restoration sees the same noise). Pass it as ``trace(..., noise=)``."""
+    import numpy as np
+
+    return torch.from_numpy(np.random.RandomState(seed).randn(samples, n_subject, d_model)) * float(scale)
+
+
 def _window(layer: int, n_layers: int, window: int) -> range:
-    lo = max(0, layer - window // 2)
-    return range(lo, min(n_layers, lo + window))
+    """The layers restored for row ``layer``: kmeng01/rome's ``range(max(0, l - w // 2), min(L, l - (-w // 2)))``
+    (truncated at the bottom and top, never shifted)."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target: int | None = None,
-          kind: str = "resid", noise: float | None = None, samples: int = 10, window: int = 1, seed: int = 0,
-          noise_tokens: Sequence[int] | None = None) -> pd.DataFrame:
+          kind: str = "resid", noise: float | torch.Tensor | None = None, samples: int | None = None,
+          window: int = 1, seed: int = 0, noise_tokens: Sequence[int] | None = None) -> pd.DataFrame:
     """Trace one prompt. ``tokens``: the prompt's ids (``[T]``); ``subject_positions``: indices of the subject's
     tokens; ``target``: the token whose probability is traced (default: the clean top-1).
+
+    ``noise``: the noise scale (default 3 x the std of the embeddings of ``noise_tokens``, else of the prompt's
+    subject tokens), drawn as ``samples`` (default 10) standard normal ``[n_subject, d_model]`` draws from a torch
+    generator seeded by ``seed``; or the noise itself, a tensor ``[samples, n_subject, d_model]`` added to the
+    subject tokens' embeddings (:func:`rome_noise` gives kmeng01/rome's exact draws). Row ``l`` of a window
+    restores layers ``max(0, l - window // 2) .. min(L, l - (-window // 2)) - 1``, as kmeng01/rome does.
 
     Returns a result with rows ``layer, position, ie`` and settings ``p_clean, p_corrupted, te, target, noise,
     samples, window, kind``.
@@ -53,14 +81,27 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
     dev = model_device(model)
     if kind not in SITES:
         raise ValueError(f"The 'kind' parameter must be one of {sorted(SITES)}. Got {kind!r} instead.")
+    given = isinstance(noise, torch.Tensor)
+    if given:
+        if noise.ndim != 3 or (samples is not None and noise.shape[0] != samples):
+            raise ValueError("The 'noise' tensor must be [samples, n_subject, d_model]"
+                             + (f" with samples = {samples}" if samples is not None else "")
+                             + f". Got shape {list(noise.shape)} instead.")
+        samples = noise.shape[0]
+    samples = 10 if samples is None else samples
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"The 'samples' parameter must be an int in [1, inf). Got {samples!r} instead.")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"The 'window' parameter must be an int in [1, inf). Got {window!r} instead.")
     tokens = torch.as_tensor(list(tokens), dtype=torch.long)
     T = len(tokens)
     subj = torch.as_tensor(list(subject_positions), dtype=torch.long)
     if len(subj) == 0 or subj.min() < 0 or subj.max() >= T:
         raise ValueError(f"subject_positions must index the {T} prompt tokens; got {subj.tolist()}.")
     L = model.cfg.n_layers
+    if given and tuple(noise.shape[1:]) != (len(subj), model.cfg.d_model):
+        raise ValueError(f"The 'noise' tensor must be [samples, {len(subj)} subject tokens, d_model "
+                         f"{model.cfg.d_model}]. Got shape {list(noise.shape)} instead.")
     if noise is None:
         noise = 3.0 * subject_noise_std(model, noise_tokens if noise_tokens is not None else tokens[subj].tolist())
     sites = [SITES[kind].format(l) for l in range(L)]
@@ -72,8 +113,11 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
         p0 = torch.softmax(model(tokens[None].to(dev))[0, -1].double(), -1).cpu()
     target = int(p0.argmax()) if target is None else int(target)
     d = clean[sites[0]].shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    eps = (torch.randn(samples, len(subj), model.cfg.d_model, generator=g) * noise).to(dev)
+    if given:
+        eps = noise.detach().to(dev)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        eps = (torch.randn(samples, len(subj), model.cfg.d_model, generator=g) * noise).to(dev)
 
     cells = [(l, t) for l in range(L) for t in range(T)]
     n_rows = (len(cells) + 1) * samples  # block 0: corrupted only; block c+1: cell c restored
@@ -111,8 +155,11 @@ def trace(model, tokens: Sequence[int], subject_positions: Sequence[int], target
     ie = (p[1:] - p[0]).numpy()
     df = pd.DataFrame({"layer": [l for l, _ in cells], "position": [t for _, t in cells], "ie": ie})
     return make_result(df, kind=kind, p_clean=float(p0[target]), p_corrupted=p_corrupt,
-                       te=float(p0[target]) - p_corrupt, target=target, noise=float(noise), samples=samples,
-                       window=window, seed=seed, subject_positions=subj.tolist(), n_layers=L, d=d)
+                       te=float(p0[target]) - p_corrupt, target=target,
+                       noise="given tensor" if given else float(noise),
+                       noise_std=float(eps.double().std()) if given else float(noise), samples=samples,
+                       window=window, window_rule="kmeng01/rome: max(0, l - w // 2) .. min(L, l - (-w // 2)) - 1",
+                       seed=None if given else seed, subject_positions=subj.tolist(), n_layers=L, d=d)
 
 
 def bucket_positions(T: int, subject_positions: Sequence[int]) -> list[str]:
@@ -159,14 +206,17 @@ def fact_requests(facts, split: str = "train") -> list[dict]:
 
 
 def trace_facts(lm, facts, kind: str = "resid", samples: int = 10, window: int = 1, seed: int = 0,
-                only_known: bool = True, limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+                only_known: bool = True, limit: int | None = None, progress: bool = True,
+                noise: float | None = None, noise_subjects: Sequence[str] | None = None) -> pd.DataFrame:
     """Trace each fact (a FactWorld's facts on their first training template, or records, see
     :func:`fact_requests`; the first ``limit`` of them); rows ``subject, relation, layer, position, bucket, ie,
     te``.
 
     The subject's tokens are found from character offsets (multi-token subjects work); the traced token is the
-    target's first token. The noise scale is 3 x the std of the embeddings of all facts' subject tokens (Meng
-    et al.'s ``s3``). Facts whose first target token the model does not predict top-1 are skipped when
+    target's first token. The noise scale is ``noise`` if given; else, with ``noise_subjects``, 3 x
+    :func:`subject_embedding_std` of those subjects (kmeng01/rome's ``s3``: each subject tokenized alone, repeats
+    counted); else 3 x the std of the embeddings of the distinct tokens of all facts' subjects as they appear in
+    their prompts. Facts whose first target token the model does not predict top-1 are skipped when
     ``only_known`` (as in the reference).
     """
     from tqdm.auto import tqdm
@@ -184,8 +234,14 @@ def trace_facts(lm, facts, kind: str = "resid", samples: int = 10, window: int =
         ids = lm.encode(text)
         pos = lm.span(text, r["subject"], start=r["prompt"].index("{}"))
         prepared.append((r, ids, pos, lm.target_ids(r["target"], text)[0]))
-    subj_ids = sorted({ids[p] for _, ids, pos, _ in prepared for p in pos})
-    noise = 3.0 * subject_noise_std(model, subj_ids)  # over the subjects of every fact given
+    if noise is not None:
+        rule = "given"
+    elif noise_subjects is not None:
+        noise, rule = 3.0 * subject_embedding_std(lm, noise_subjects), "3 x std of the given subjects' embeddings"
+    else:
+        subj_ids = sorted({ids[p] for _, ids, pos, _ in prepared for p in pos})
+        noise = 3.0 * subject_noise_std(model, subj_ids)  # over the subjects of every fact given
+        rule = "3 x std of subject-token embeddings"
     frames = []
     for r, ids, pos, target in tqdm(prepared[:limit], desc=f"trace ({kind})", disable=not progress, leave=False):
         if only_known:
@@ -204,5 +260,5 @@ def trace_facts(lm, facts, kind: str = "resid", samples: int = 10, window: int =
                          "only_known=False to trace them anyway).")
     out = pd.concat(frames, ignore_index=True)
     return make_result(out, kind=kind, samples=samples, window=window, seed=seed, noise=noise,
-                       noise_rule="3 x std of subject-token embeddings", n_facts=len(frames),
+                       noise_rule=rule, n_facts=len(frames),
                        target="first token of the target", **lm.settings)
