@@ -123,3 +123,191 @@ def test_trace_with_given_noise_reproduces_kmeng01s_grid(hf, lm):
     assert got.abs().max() > 0.05
     with pytest.raises(ValueError, match="'noise' tensor must be"):
         trace(lm.model, ids, subj, answer, noise=torch.zeros(4, e - b + 1, hf.config.n_embd))
+
+
+# ------------------------------------------------------------------------------------------- knowledge neurons
+
+TEMPLATES = {"capital": ["The capital of {} is", "So, the capital of {} is", "the capital of {} is",
+                         "Yes. The capital of {} is", "And the capital of {} is"],
+             "language": ["The language spoken in {} is", "So, the language spoken in {} is",
+                          "the language spoken in {} is", "Yes. The language spoken in {} is",
+                          "And the language spoken in {} is"]}
+
+
+def _kn_facts():
+    import hf_world as W
+
+    cap, lang, _, _ = W.world()
+    facts = [{"subject": c, "relation": rel, "object": (cap if rel == "capital" else lang)[c],
+              "prompts": [t.format(c) for t in TEMPLATES[rel]]} for rel in TEMPLATES for c in W.COUNTRIES[:3]]
+    facts.append({**facts[0], "subject": W.COUNTRIES[3], "object": cap[W.COUNTRIES[3]],
+                  "prompts": [t.format(W.COUNTRIES[3]) for t in TEMPLATES["capital"][:2]]})  # 2 prompts only
+    return facts
+
+
+def _ig_reference(hf, tokenizer, prompt, target, layer, module, alphas, batch_size):
+    """Integrated gradients the way EleutherAI/knowledge-neurons (get_scores_for_layer) and Dai et al.
+    (1_analyze_mlm.py) compute them: the activation at the last position replaced by alpha * a in a batch of
+    rows, the gradient of the target's softmax probability summed over the rows, times a / len(alphas)."""
+    mod = dict(hf.named_modules())[f"transformer.h.{layer}.mlp.{module}"]
+    enc = tokenizer(prompt, return_tensors="pt")
+    got = {}
+    h = mod.register_forward_hook(lambda m, i, o: got.__setitem__("a", o[:, -1, :].detach()))
+    with torch.no_grad():
+        hf(**enc)
+    h.remove()
+    base = got["a"]  # [1, d]
+    scaled = base.repeat(len(alphas), 1) * alphas[:, None]
+    scaled.requires_grad_(True)
+    total = 0
+    for batch_weights in scaled.chunk(len(alphas) // batch_size):
+        def patch(m, i, o, w=batch_weights):
+            o[:, -1, :] = w
+            return o
+        h = mod.register_forward_hook(patch)
+        n = len(batch_weights)
+        out = hf(input_ids=enc["input_ids"].repeat(n, 1), attention_mask=enc["attention_mask"].repeat(n, 1))
+        h.remove()
+        probs = torch.softmax(out.logits[:, -1, :], dim=-1)
+        total = total + torch.autograd.grad(torch.unbind(probs[:, [target]]), batch_weights)[0].sum(0)
+    return (total * base.squeeze(0) / len(alphas)).detach()
+
+
+def _target(tokenizer, obj):
+    ids = tokenizer(" " + obj)["input_ids"]
+    return ids[0]
+
+
+def _eleutherai_patch_probs(hf, tokenizer, prompt, target, neurons, mode):
+    """EleutherAI modify_activations on GPT-2 (mask_idx = -1): patch mlp.c_fc's output at the last position,
+    suppress (= 0) or enhance (*= 2) the neurons; gt_prob = softmax(logits[:, -1])[target]."""
+    by_layer = collections.defaultdict(list)
+    for l, i in neurons:
+        by_layer[l].append(i)
+    handles = []
+    for l, pos in by_layer.items():
+        def patch(m, i, o, pos=pos):
+            for p in pos:
+                if mode == "suppress":
+                    o[:, -1, p] = 0.0
+                else:
+                    o[:, -1, p] *= 2.0
+            return o
+        handles.append(hf.transformer.h[l].mlp.c_fc.register_forward_hook(patch))
+    with torch.no_grad():
+        logits = hf(**tokenizer(prompt, return_tensors="pt")).logits
+    for h in handles:
+        h.remove()
+    return float(torch.softmax(logits[:, -1, :], dim=-1)[0, target])
+
+
+def test_knowledge_neurons_eleutherai_convention_is_their_formula(hf, lm):
+    """convention="eleutherai": scores equal EleutherAI's IG (pre-GELU c_fc output, linspace(0, 1, 20), equal
+    1/steps weights, probability gradient, last position) to 1e-6; coarse (> 0.3 x max) and refined (count > p x
+    n) sets equal theirs; suppress / enhance after-probabilities (last position only) agree to 1e-5."""
+    from memloc.locate.knowledge import (attribution_scores, coarse_neurons, intervene_knowledge_neurons,
+                                         knowledge_neurons)
+
+    tok, facts, L = lm.tokenizer, _kn_facts(), hf.config.n_layer
+    prompts = [p for f in facts for p in f["prompts"]]
+    objects = [f["object"] for f in facts for _ in f["prompts"]]
+    scores, _ = attribution_scores(lm, prompts, objects, convention="eleutherai")
+    alphas = torch.linspace(start=0, end=1, steps=20)
+    ref = torch.stack([torch.stack([_ig_reference(hf, tok, p, _target(tok, o), l, "c_fc", alphas, 10)
+                                    for l in range(L)]) for p, o in zip(prompts, objects)])
+    assert scores.shape == ref.shape == (len(prompts), L, hf.config.n_inner or 4 * hf.config.n_embd)
+    assert (scores - ref).abs().max() < 1e-6 and ref.abs().max() > 1e-3
+    # coarse: torch.nonzero(scores > scores.max() * 0.3) per prompt
+    coarse = coarse_neurons(scores, convention="eleutherai")
+    for i in range(len(prompts)):
+        theirs = torch.nonzero(ref[i] > ref[i].max().item() * 0.3).tolist()
+        assert torch.nonzero(coarse[i]).tolist() == theirs
+    kn = knowledge_neurons(lm, facts, convention="eleutherai", progress=False)
+    assert kn.attrs["settings"]["site"] == "blocks.{}.mlp.hook_pre"
+    for f in facts:  # refined: Counter over the prompts' coarse lists, count > n_prompts * p
+        c = collections.Counter()
+        for p in f["prompts"]:
+            i = prompts.index(p)
+            for n in torch.nonzero(ref[i] > ref[i].max().item() * 0.3).tolist():
+                c[tuple(n)] += 1
+        theirs = sorted(list(n) for n, k in c.items() if k > len(f["prompts"]) * 0.5)
+        ours = kn[(kn.subject == f["subject"]) & (kn.relation == f["relation"])]
+        assert sorted(ours[["layer", "neuron"]].values.tolist()) == theirs
+    assert len(kn) > 0
+    for factor, mode in ((0.0, "suppress"), (2.0, "enhance")):
+        eff = intervene_knowledge_neurons(lm, facts, kn, factor).set_index(["subject", "relation"])
+        assert eff.attrs["settings"]["convention"] == "eleutherai"
+        for (subj, rel), row in eff.iterrows():
+            f = next(x for x in facts if x["subject"] == subj and x["relation"] == rel)
+            g = kn[(kn.subject == subj) & (kn.relation == rel)]
+            t = _target(tok, f["object"])
+            before = np.mean([_eleutherai_patch_probs(hf, tok, p, t, [], mode) for p in f["prompts"]])
+            after = np.mean([_eleutherai_patch_probs(hf, tok, p, t, g[["layer", "neuron"]].values.tolist(), mode)
+                             for p in f["prompts"]])
+            assert abs(row.p_before - before) < 1e-5 and abs(row.p_after - after) < 1e-5, (mode, subj, rel)
+        assert (eff.p_after != eff.p_before).all()
+
+
+def test_knowledge_neurons_dai_convention_is_their_code(hf, lm):
+    """convention="dai": post-GELU left Riemann scores (20 points i/m) as Dai's 1_analyze_mlm.py; refinement as
+    2_get_kn.py: coarse >= 0.2 x max, kept when coarse in >= max(n x p, 3) prompts, p from 0.7 moved by 0.05 per
+    relation (up to 6 rounds) until 2-5 neurons per fact on average."""
+    from memloc.locate.knowledge import attribution_scores, knowledge_neurons
+
+    tok, facts, L = lm.tokenizer, _kn_facts(), hf.config.n_layer
+    prompts = [p for f in facts for p in f["prompts"]]
+    objects = [f["object"] for f in facts for _ in f["prompts"]]
+    scores, _ = attribution_scores(lm, prompts, objects, convention="dai")
+    m = 20
+    alphas = torch.tensor([i / m for i in range(m)])  # baseline + step * i, step = a / m
+    ref = torch.stack([torch.stack([_ig_reference(hf, tok, p, _target(tok, o), l, "act", alphas, 20)
+                                    for l in range(L)]) for p, o in zip(prompts, objects)])
+    assert (scores - ref).abs().max() < 1e-6
+
+    def re_filter(triplets):  # 2_get_kn.py, with 1_analyze_mlm.py's convert_to_triplet_ig (>= 0.1 x max)
+        max_ig = max(t[2] for t in triplets)
+        triplets = [t for t in triplets if t[2] >= max_ig * 0.1]
+        metric_max = max(-999, *(t[2] for t in triplets))
+        return [t for t in triplets if t[2] >= metric_max * 0.2]
+
+    def parse_kn(pos_cnt, tot_num, mode_ratio, min_threshold=0):
+        mode_threshold = max(tot_num * mode_ratio, min_threshold)
+        return [list(p) for p, cnt in pos_cnt.items() if cnt >= mode_threshold]
+
+    kn = knowledge_neurons(lm, facts, convention="dai", progress=False)
+    used = kn.attrs["settings"]["share_used"]
+    for rel in TEMPLATES:
+        bags = [f for f in facts if f["relation"] == rel]
+        mode_ratio_bag = 0.7
+        for _ in range(6):
+            kn_bag_list = []
+            for f in bags:
+                cnt = collections.Counter()
+                for p in f["prompts"]:
+                    s = ref[prompts.index(p)].numpy()
+                    triplets = [[i, j, s[i, j]] for i in range(s.shape[0]) for j in range(s.shape[1])]
+                    cnt.update([(t[0], t[1]) for t in re_filter(triplets)])
+                kn_bag_list.append(parse_kn(cnt, len(f["prompts"]), mode_ratio_bag, 3))
+            ave = sum(len(b) for b in kn_bag_list) / len(bags)
+            ratio_used = mode_ratio_bag
+            if ave < 2:
+                mode_ratio_bag -= 0.05
+            if ave > 5:
+                mode_ratio_bag += 0.05
+            if 2 <= ave <= 5:
+                break
+        assert used[rel] == ratio_used
+        for f, theirs in zip(bags, kn_bag_list):
+            ours = kn[(kn.subject == f["subject"]) & (kn.relation == rel)][["layer", "neuron"]].values.tolist()
+            assert sorted(ours) == sorted(theirs), (rel, f["subject"])
+    assert any(v != 0.7 for v in used.values())  # the adaptation was exercised
+    assert not (kn.subject == facts[-1]["subject"]).any()  # a fact with 2 prompts has none (floor of 3)
+
+
+def test_knowledge_convention_errors(lm):
+    from memloc.locate.knowledge import knowledge_neurons
+
+    with pytest.raises(ValueError, match="'convention' parameter must be one of \\['dai', 'eleutherai', 'memloc'\\]"):
+        knowledge_neurons(lm, _kn_facts()[:1], convention="captum", progress=False)
+    with pytest.raises(ValueError, match="'share' parameter must be in \\[0, 1\\)"):
+        knowledge_neurons(lm, _kn_facts()[:1], convention="eleutherai", share=1.0, progress=False)
