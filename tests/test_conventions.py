@@ -311,3 +311,51 @@ def test_knowledge_convention_errors(lm):
         knowledge_neurons(lm, _kn_facts()[:1], convention="captum", progress=False)
     with pytest.raises(ValueError, match="'share' parameter must be in \\[0, 1\\)"):
         knowledge_neurons(lm, _kn_facts()[:1], convention="eleutherai", share=1.0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- ROME and MEMIT
+
+def test_rome_and_memit_return_their_intermediates(hf, lm):
+    """k*, C^-1 k*, u, the current value, v*, the loss per step and v_loss_layer come back with the edit; checked
+    against the Hugging Face model's own c_proj input/output and the update's closed form."""
+    import json
+
+    import hf_world as W
+    from memloc.edit.rome import EditConfig, Request, key_second_moment, memit, mlp_out_weight, rome
+
+    cap, _, _, _ = W.world()
+    reqs = [Request(W.CAPITAL, c, next(x for x in W.CITIES if x != cap[c]), cap[c]) for c in W.COUNTRIES[:2]]
+    layer = 1
+    C = key_second_moment(lm, W.training_text()[:60], layer)
+    e = rome(lm, reqs[0], layer, C, EditConfig(v_steps=6), outcomes=False)
+    it, info = e.intermediates, e.info
+    # the key and current value at the subject's last token, read from the Hugging Face model directly
+    ids = lm.encode(reqs[0].text)
+    last = lm.span(reqs[0].text, reqs[0].subject)[-1]
+    got = {}
+    mod = hf.transformer.h[layer].mlp.c_proj
+    h = mod.register_forward_hook(lambda m, i, o: got.update(k=i[0][0, last].double(), v=o[0, last].double()))
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    h.remove()
+    assert torch.allclose(it["key"], got["k"], atol=1e-5) and torch.allclose(it["value"], got["v"], atol=1e-5)
+    assert torch.allclose(it["k_star"], got["k"], atol=1e-5)  # one context template, "{}"
+    c_inv_k = torch.linalg.solve(C.double(), it["k_star"])
+    assert torch.allclose(it["c_inv_k"], c_inv_k) and torch.allclose(it["u"], c_inv_k / c_inv_k.norm())
+    assert torch.allclose(it["v_star"], it["h"] + it["delta"])
+    name, w, transposed = mlp_out_weight(lm.model, layer)
+    upd = torch.outer((it["v_star"] - it["value"]) / (it["key"] @ it["u"]), it["u"])
+    assert torch.allclose(e.deltas[name].double(), (upd.T if transposed else upd), atol=1e-6)
+    assert len(info["losses"]) == info["steps"] and info["losses"][0]["loss"] == info["loss_start"]
+    assert info["v_loss_layer"] == hf.config.n_layer - 1
+    json.dumps(info)  # info stays JSON-safe; tensors live in intermediates
+    m = memit(lm, reqs, [0, 1], {0: key_second_moment(lm, W.training_text()[:60], 0), 1: C},
+              EditConfig.memit(v_steps=4), outcomes=False)
+    mi = m.intermediates
+    assert mi["z"].shape == (2, hf.config.n_embd) and torch.allclose(mi["z"], mi["h"] + mi["delta"])
+    for l in (0, 1):
+        name, w, transposed = mlp_out_weight(lm.model, l)
+        upd = mi["residuals"][l].T @ mi["u"][l]
+        assert torch.allclose(m.deltas[name].double(), (upd.T if transposed else upd), atol=1e-6)
+        assert mi["keys"][l].shape == (2, 4 * hf.config.n_embd)
+    assert len(m.info["losses"]) == 2 and m.info["v_loss_layer"] == hf.config.n_layer - 1

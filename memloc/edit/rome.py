@@ -99,10 +99,23 @@ class EditConfig:
 
 @dataclass
 class Edit:
-    """Weight deltas ``{parameter name: delta}`` and diagnostics (``info``)."""
+    """Weight deltas ``{parameter name: delta}``, diagnostics (``info``: plain numbers and strings, JSON-safe,
+    including ``losses`` per step and ``v_loss_layer``) and the computation's tensors (``intermediates``, float64,
+    CPU).
+
+    ROME's intermediates: ``k_star`` (the key averaged over the context templates, ``[d_mlp]``), ``c_inv_k``
+    (``C^-1 k*``), ``u`` (``c_inv_k`` normalised, the update's left vector), ``key`` and ``value`` (the bare prompt's
+    key ``k`` and current value ``W k + b``), ``h`` (the value the optimisation started from), ``delta`` and
+    ``v_star = h + delta``; the update is ``outer((v_star - value) / (key @ u), u)``.
+    MEMIT's: ``z`` (``[n, d_model]`` targets at the last edited layer), ``h`` (the values they started from),
+    ``delta``, and per edited layer ``{layer: tensor}``: ``keys`` (``K^T``, ``[n, d_mlp]``), ``current`` (the residual
+    at the last edited layer before this layer's update), ``residuals`` (``R^T``, the error this layer takes on) and
+    ``u`` (``[(lambda C + K K^T)^-1 K]^T``, so that the layer's update is ``residuals^T @ u``).
+    """
 
     deltas: dict[str, torch.Tensor]
     info: dict = field(default_factory=dict)
+    intermediates: dict = field(default_factory=dict)
 
     def _new_values(self, model) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
@@ -113,7 +126,8 @@ class Edit:
         return replace_parameters(model, self._new_values(model))
 
     def apply(self, model) -> Callable[[], None]:
-        """Apply the edit for good; returns ``undo()``, which restores the original weights bit for bit."""
+        """Apply the edit for good; returns ``undo()``, which restores the original weights bit for bit (undo several
+        edits in the reverse order of applying them; out of order, ``undo()`` refuses)."""
         params = dict(model.named_parameters())
         saved = {n: params[n].detach().clone() for n in self.deltas}
         new = self._new_values(model)
@@ -121,10 +135,22 @@ class Edit:
             for n, v in new.items():
                 params[n].copy_(v)
 
+        done = []
+
         def undo():
+            """Restore the weights from before ``apply``. Undo edits in the reverse order of applying them: if the
+            weights changed since (another edit applied later and not undone), undoing this one would drop that
+            change or bring this one back, so it is refused. A second call does nothing."""
+            if done:
+                return
+            if not all(torch.equal(params[n], v) for n, v in new.items()):
+                from ..validate import MemlocError
+                raise MemlocError("This edit's weights changed since it was applied (another edit applied after it is "
+                                  "still in place); undo edits in the reverse order of applying them.")
             with torch.no_grad():
                 for n, v in saved.items():
                     params[n].copy_(v)
+            done.append(True)
         return undo
 
 
@@ -210,9 +236,10 @@ def key_second_moment(lm, texts: Sequence[str], layer: int, batch_size: int = 12
 # value optimisation (shared by ROME and MEMIT)
 
 
-def _optimize_target(lm, req: Request, site: str, cfg: EditConfig) -> tuple[torch.Tensor, dict]:
-    """``(h + delta, diagnostics)``: the representation at ``site`` (subject's last token) that makes the model
-    predict ``req.target_new``."""
+def _optimize_target(lm, req: Request, site: str, cfg: EditConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """``(h + delta, diagnostics, h)``: the representation at ``site`` (subject's last token) that makes the model
+    predict ``req.target_new``, and the one it started from. The logits are the model's own (kmeng01/rome's
+    ``v_loss_layer`` is the last layer: ``diagnostics["v_loss_layer"]``)."""
     model, dev = lm.model, lm.device
     tgt = lm.target_ids(req.target_new, req.text)
     rewrite = [c.format(req.prompt) for c in cfg.context_templates]
@@ -274,8 +301,9 @@ def _optimize_target(lm, req: Request, site: str, cfg: EditConfig) -> tuple[torc
     h = state["h"].double().cpu()
     info = {"nll_start": losses[0][0], "loss_start": losses[0][2], "nll_end": losses[-1][0], "kl_end": losses[-1][1],
             "steps": len(losses), "delta_norm": delta.norm().item(), "h_norm": h.norm().item(),
-            "target_tokens": len(tgt)}
-    return h + delta.detach().double().cpu(), info
+            "target_tokens": len(tgt), "losses": [{"nll": a, "kl": b, "loss": c} for a, b, c in losses],
+            "v_loss_layer": model.cfg.n_layers - 1}
+    return h + delta.detach().double().cpu(), info, h
 
 
 def _at_subject(lm, prompts: Sequence[tuple[str, str]], sites: Sequence[str]) -> list[torch.Tensor]:
@@ -348,12 +376,13 @@ def rome(lm, request: Request, layer: int, C: torch.Tensor | None = None, config
     model = lm.model
     require_eval(model, "ROME")
     _check_layer(lm, layer)
+    _check_words(lm, [request])
     cfg = config or EditConfig()
     name, w, transposed = mlp_out_weight(model, layer)
-    v_star, info = _optimize_target(lm, request, VALUE.format(layer), cfg)
+    v_star, info, h = _optimize_target(lm, request, VALUE.format(layer), cfg)
     k_star = _mean_keys(lm, [request], layer, cfg)[0]
-    u = torch.linalg.solve(C.double(), k_star) if C is not None else k_star.clone()
-    u = u / u.norm()
+    c_inv_k = torch.linalg.solve(C.double(), k_star) if C is not None else k_star.clone()
+    u = c_inv_k / c_inv_k.norm()
     k, v = (t[0] for t in _bare(lm, [request], layer))
     right = (v_star - v) / (k @ u)
     upd = torch.outer(right, u)
@@ -368,9 +397,28 @@ def rome(lm, request: Request, layer: int, C: torch.Tensor | None = None, config
                 update_vs_typical=float((v_star - v).norm()) / typical if C is not None else float("nan"),
                 weight_rel=float(upd.norm() / W.norm()), tokenization=lm.settings)
     edit.info = info
+    edit.intermediates = {"k_star": k_star, "c_inv_k": c_inv_k, "u": u, "key": k, "value": v, "h": h,
+                          "delta": v_star - h, "v_star": v_star}
     if outcomes:
         info.update(edit_outcomes(lm, edit, [request])[0])
     return edit
+
+
+def _check_words(lm, requests: Sequence[Request]) -> None:
+    """With memloc's word tokenizer, a subject, target or prompt word outside the vocabulary would silently become
+    ``<unk>`` (and the edit would rewrite ``<unk>``): refuse it, naming the words."""
+    if not getattr(lm, "word", False):
+        return
+    from ..validate import ConfigError
+
+    vocab = lm.tokenizer.index
+    for r in requests:
+        for what, text in (("subject", r.subject), ("target_new", r.target_new), ("prompt", r.prompt.replace("{}", ""))):
+            unknown = [w for w in text.split() if w not in vocab]
+            if unknown:
+                raise ConfigError(f"The request's {what} {text!r} has word(s) {unknown} that are not in the model's "
+                                  f"vocabulary ({len(vocab)} words, e.g. {list(vocab)[3:8]}); they would be edited as "
+                                  "'<unk>'.")
 
 
 def memit(lm, requests: Sequence[Request], layers: Sequence[int],
@@ -386,18 +434,22 @@ def memit(lm, requests: Sequence[Request], layers: Sequence[int],
     require_eval(model, "MEMIT")
     cfg = config or EditConfig.memit()
     requests, layers = list(requests), sorted(int(l) for l in layers)
+    _check_words(lm, requests)
     if not requests or not layers:
         raise ValueError("MEMIT needs at least one request and one layer.")
     for l in layers:
         _check_layer(lm, l)
     L = layers[-1]
-    zs, infos = [], []
+    zs, infos, hs = [], [], []
     for r in tqdm(requests, desc="MEMIT targets", disable=not progress, leave=False):
-        z, info = _optimize_target(lm, r, RESID.format(L), cfg)
+        z, info, h = _optimize_target(lm, r, RESID.format(L), cfg)
         zs.append(z)
         infos.append(info)
+        hs.append(h)
     Z = torch.stack(zs)  # [n, d_model]
     deltas = {}
+    inter = {"z": Z, "h": torch.stack(hs), "delta": Z - torch.stack(hs), "keys": {}, "current": {}, "residuals": {},
+             "u": {}}
     with contextlib.ExitStack() as stack:
         for i, l in enumerate(layers):
             name, w, transposed = mlp_out_weight(model, l)
@@ -407,6 +459,7 @@ def memit(lm, requests: Sequence[Request], layers: Sequence[int],
             Cl = C.get(l) if C else None
             Cl = torch.eye(K.shape[0], dtype=torch.float64) if Cl is None else Cl.double()
             adj = torch.linalg.solve(cfg.mom2_update_weight * Cl + K @ K.T, K)  # [d_mlp, n]
+            inter["keys"][l], inter["current"][l], inter["residuals"][l], inter["u"][l] = K.T, cur, R.T, adj.T
             d = _as_delta(R @ adj.T, w, transposed)
             deltas[name] = d
             stack.enter_context(Edit({name: d}).applied(model))
@@ -414,8 +467,9 @@ def memit(lm, requests: Sequence[Request], layers: Sequence[int],
     info = {"method": "memit", "layers": layers, "n_requests": len(requests),
             "covariance": "data" if C else "identity", "config": asdict(cfg),
             "target_rel_error": float(((final - Z).norm(dim=1) / Z.norm(dim=1)).mean()),
-            "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos)), "tokenization": lm.settings}
-    edit = Edit(deltas, info)
+            "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos)), "tokenization": lm.settings,
+            "losses": [i["losses"] for i in infos], "v_loss_layer": model.cfg.n_layers - 1}
+    edit = Edit(deltas, info, inter)
     if outcomes:
         per = edit_outcomes(lm, edit, requests, entropy=len(requests) <= 32)
         for p_, i_ in zip(per, infos):
