@@ -359,3 +359,28 @@ def test_rome_and_memit_return_their_intermediates(hf, lm):
         assert torch.allclose(m.deltas[name].double(), (upd.T if transposed else upd), atol=1e-6)
         assert mi["keys"][l].shape == (2, 4 * hf.config.n_embd)
     assert len(m.info["losses"]) == 2 and m.info["v_loss_layer"] == hf.config.n_layer - 1
+
+
+# ------------------------------------------------------------------------------------------- ensembles
+
+def test_balanced_ensemble_trains_with_the_default_batched_method(digits):
+    """LiRA's balanced subsets have unequal sizes; the default (batched) method stacked per-model orders of
+    unequal length and failed. Now every model takes as many steps as the largest subset needs, wrapping its own
+    order, exactly as the one-model-at-a-time loop does (float64)."""
+    from dataclasses import replace
+
+    from memloc.ensemble import subset_masks, train_ensemble
+
+    data = replace(digits, x=digits.x.double())
+    masks = subset_masks(4, len(data.train), 0.5, seed=0, balanced=True)
+    assert len(set(masks.sum(1).tolist())) > 1 and (masks.sum(0) == 2).all()
+    kw = dict(model_kwargs={"hidden": [8]}, epochs=1, batch_size=128, progress=False, return_states=True,
+              dtype=torch.float64, ratio=0.5, balanced=True)
+    with pytest.warns(UserWarning, match="fit only"):  # one epoch: the models are not meant to fit
+        ens, a = train_ensemble(data, 4, **kw)  # the default method
+    with pytest.warns(UserWarning, match="fit only"):
+        _, b = train_ensemble(data, 4, method="loop", **kw)
+    assert ens.settings["method"] == "batched" and (ens.masks == masks).all()
+    for sa, sb in zip(a, b):
+        for k in sa:
+            assert torch.allclose(sa[k], sb[k], atol=1e-10, rtol=0), k
