@@ -166,6 +166,15 @@ def test_feldman_zhang_and_lira_on_flipped_labels(ensemble, tmp_path):
 def test_roc_summary():
     s = roc_summary(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False]))
     assert s["auc"] == 1.0 and s["tpr_at_1%_fpr"] == 1.0
+    # tensorflow/privacy's rule: the TPR of the last ROC point with FPR < 1%; with 43 non-members that is the TPR at
+    # zero false positives (no interpolation towards the first false positive), and lowest_fpr says so
+    rng = np.random.default_rng(0)
+    members = np.r_[np.ones(40, bool), np.zeros(43, bool)]
+    scores = np.r_[rng.normal(1.0, 1, 40), rng.normal(0, 1, 43)]
+    s = roc_summary(scores, members)
+    top_negative = scores[~members].max()
+    assert s["tpr_at_1%_fpr"] == s["tpr_at_0.1%_fpr"] == (scores[members] > top_negative).mean()
+    assert s["lowest_fpr"] == pytest.approx(1 / 43)
 
 
 def test_second_split_forgetting_and_holdout_retraining(small_run):

@@ -54,23 +54,33 @@ def loss_attack_scores(ens, target: int) -> np.ndarray:
 
 
 def roc_summary(scores: np.ndarray, members: np.ndarray) -> dict:
-    """AUC and TPR at 0.1% / 1% FPR of membership ``scores`` for boolean ``members`` (NaN scores dropped)."""
+    """AUC and TPR at 0.1% / 1% FPR of membership ``scores`` for boolean ``members`` (NaN scores dropped).
+
+    TPR at x% FPR is tensorflow/privacy LiRA's rule, ``tpr[np.where(fpr < x)[0][-1]]``: the TPR of the last ROC
+    point whose FPR is below x (a real threshold, no interpolation). ``lowest_fpr`` = 1 / #non-members is the
+    smallest FPR above 0 that any threshold reaches: when it is above x, the figure is the TPR at zero false
+    positives (with 43 non-members, "TPR at 1% FPR" is TPR at 0 false positives)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     ok = np.isfinite(scores)
     s, y = scores[ok], members[ok]
+    n_neg = int((~y.astype(bool)).sum())
     if y.all() or not y.any():
-        return {"auc": np.nan, "tpr_at_0.1%_fpr": np.nan, "tpr_at_1%_fpr": np.nan, "n": int(ok.sum())}
+        return {"auc": np.nan, "tpr_at_0.1%_fpr": np.nan, "tpr_at_1%_fpr": np.nan, "lowest_fpr": np.nan,
+                "n": int(ok.sum())}
     fpr, tpr, _ = roc_curve(y, s)
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_0.1%_fpr": float(np.interp(0.001, fpr, tpr)),
-            "tpr_at_1%_fpr": float(np.interp(0.01, fpr, tpr)), "n": int(ok.sum())}
+    return {"auc": float(roc_auc_score(y, s)), "tpr_at_0.1%_fpr": float(tpr[np.where(fpr < 0.001)[0][-1]]),
+            "tpr_at_1%_fpr": float(tpr[np.where(fpr < 0.01)[0][-1]]), "lowest_fpr": 1.0 / n_neg,
+            "n": int(ok.sum())}
 
 
 def membership_inference(ens, data, n_targets: int = 8) -> pd.DataFrame:
     """Loss attack and LiRA (online/offline x per-example/fixed variance) against ``n_targets`` models.
 
-    Rows: ``attack, group, auc, tpr_at_0.1%_fpr, tpr_at_1%_fpr, n`` (means over targets), groups ``all``,
-    ``clean``, ``noisy``.
+    Rows: ``attack, group, auc, tpr_at_0.1%_fpr, tpr_at_1%_fpr, lowest_fpr, n`` (means over targets), groups
+    ``all``, ``clean``, ``noisy``. TPRs follow :func:`roc_summary` (tensorflow/privacy's rule); ``lowest_fpr`` is the
+    smallest non-zero FPR the group's non-members allow: where it exceeds 1%, "TPR at 1% FPR" is the TPR at zero
+    false positives.
     """
     if ens.n_models < 3:
         raise ValueError(f"Membership inference needs at least 3 models (a target and shadows); got {ens.n_models}.")
@@ -93,4 +103,6 @@ def membership_inference(ens, data, n_targets: int = 8) -> pd.DataFrame:
             if lst:
                 rows.append({"attack": name, "group": g, **pd.DataFrame(lst).mean().to_dict()})
     return make_result(pd.DataFrame(rows), n_targets=min(n_targets, ens.n_models), shadows=ens.n_models - 1,
-                       statistic="phi = log p_y - log(1 - p_y)", **ens.settings)
+                       statistic="phi = log p_y - log(1 - p_y)",
+                       tpr_rule="tpr[np.where(fpr < x)[0][-1]] (tensorflow/privacy LiRA); TPR at zero false "
+                                "positives where lowest_fpr > x", **ens.settings)
