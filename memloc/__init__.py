@@ -12,14 +12,15 @@ from .results import load_result, make_result, save_result
 from .train import Run, TrainConfig, evaluate, load_run, train
 from .record import Recorder, from_checkpoints
 from .data import from_torch
+from .validate import ConfigError, InputFileError, MemlocError, OutputExistsError
 
 __all__ = ["Dataset", "from_arrays", "inject_label_noise", "load_dataset", "ablate", "capture",
            "replace_parameters", "scale_neurons", "valid_sites", "build_model", "layer_names", "load_result",
            "make_result", "save_result", "Run", "TrainConfig", "evaluate", "load_run", "train", "Recorder",
-           "from_checkpoints", "from_torch"]
+           "from_checkpoints", "from_torch", "MemlocError", "ConfigError", "InputFileError", "OutputExistsError"]
 
 _SUBMODULES = {"locate", "analyses", "edit", "ensemble", "sweep", "report", "hooks", "models", "data", "results", "cli",
-               "record"}
+               "record", "validate"}
 
 
 def __getattr__(name: str):

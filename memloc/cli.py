@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 
-def _kv(items: list[str] | None) -> dict:
+def _kv(items: list[str] | None, flag: str = "--data-arg/--model-arg") -> dict:
     """Parse ``key=value`` pairs; values are read as JSON when they parse (numbers, lists), else as strings."""
+    from .validate import ConfigError
+
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"memloc: expected key=value, got {item!r}")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"The {flag!r} parameter takes KEY=VALUE (e.g. hidden=[64]). Got {item!r} instead.")
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -78,8 +80,8 @@ def _train_from_args(a: argparse.Namespace):
     from .hooks import resolve_device
     device = resolve_device(a.device)
     run = train(
-        {"dataset": a.dataset, "dataset_kwargs": _kv(a.data_arg), "noise": a.noise, "model": a.model,
-         "model_kwargs": _kv(a.model_arg), "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
+        {"dataset": a.dataset, "dataset_kwargs": _kv(a.data_arg, "--data-arg"), "noise": a.noise, "model": a.model,
+         "model_kwargs": _kv(a.model_arg, "--model-arg"), "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
          "schedule": a.schedule, "batch_size": a.batch_size, "epochs": a.epochs,
          "stop_at_train_acc": a.stop_at or None, "seed": a.seed, "precision": a.precision,
          "example_tied_dropout": ({"sites": a.etd_sites.split(",") if a.etd_sites else None, "p_fixed": a.p_fixed,
@@ -106,9 +108,11 @@ def _investigate(a: argparse.Namespace) -> None:
 
     overrides = {"optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay, "schedule": a.schedule,
                  "batch_size": a.batch_size, "epochs": a.epochs, "stop_at_train_acc": a.stop_at or None,
-                 "dataset_kwargs": _kv(a.data_arg), "model_kwargs": _kv(a.model_arg), "precision": a.precision}
+                 "dataset_kwargs": _kv(a.data_arg, "--data-arg"), "model_kwargs": _kv(a.model_arg, "--model-arg"),
+                 "precision": a.precision}
     investigate(a.out, dataset=a.dataset, model=a.model, noise=a.noise, seed=a.seed, train_overrides=overrides,
-                ablate_per_group=a.ablate_per_group, progress=not a.quiet, device=str(resolve_device(a.device)))
+                ablate_per_group=a.ablate_per_group, progress=not a.quiet, device=str(resolve_device(a.device)),
+                overwrite=a.overwrite)
 
 
 def _finished_run(a: argparse.Namespace, path: str | None = None):
@@ -132,12 +136,14 @@ def _locate(a: argparse.Namespace) -> None:
     from .analyses import plots
     from .results import save_result
 
+    from .validate import int_list
+
     run = _finished_run(a)
     layers = a.layers.split(",") if a.layers else None
     out = Path(a.out) if a.out else run.path / "locate"
     progress = not a.quiet
     if a.method == "rewind":
-        epochs = [int(e) for e in a.epochs.split(",")] if a.epochs else None
+        epochs = int_list("--epochs", a.epochs, lo=0)
         df = locate.rewind_layers(run, layers, epochs, include_buffers=not a.no_buffers, progress=progress)
         fig = plots.plot_rewind(df)
         first = locate.rewind.before_memorization_epoch(run, sorted(set(df.epoch[df.layer != "none"])))
@@ -160,11 +166,17 @@ def _locate(a: argparse.Namespace) -> None:
                                     max_units=a.max_units, progress=progress)
         fig = plots.plot_ablation(df)
         s = locate.summarize_flips(df)
+        excl = df.attrs["settings"].get("unfit_excluded") or {}
+
+        def fmt(v, spec):
+            return "n/a" if v is None else format(v, spec)
         text = (f"units zeroed to flip: noisy median {s['noisy']['median_units']} (n={s['noisy']['n']}, capped "
                 f"{s['noisy']['capped']}), clean median {s['clean']['median_units']} (n={s['clean']['n']}, capped "
-                f"{s['clean']['capped']}); Mann-Whitney p (noisy < clean) = {s['mannwhitney_p_noisy_fewer']:.2g}\n"
-                f"mean test-accuracy change: noisy {s['noisy']['mean_test_acc_change']:+.4f}, "
-                f"clean {s['clean']['mean_test_acc_change']:+.4f}")
+                f"{s['clean']['capped']}); Mann-Whitney p (noisy < clean) = {fmt(s['mannwhitney_p_noisy_fewer'], '.2g')}\n"
+                f"mean test-accuracy change: noisy {fmt(s['noisy']['mean_test_acc_change'], '+.4f')}, "
+                f"clean {fmt(s['clean']['mean_test_acc_change'], '+.4f')}"
+                + (f"\nleft out (the model does not fit them, nothing to flip): "
+                   f"{', '.join(f'{n} {g}' for g, n in excl.items())}" if any(excl.values()) else ""))
     else:
         df = locate.dropout_accuracies(run)
         fig = plots.plot_dropout(df)
@@ -188,6 +200,9 @@ def _probe(a: argparse.Namespace) -> None:
     from .analyses import plots, probes
     from .results import save_result
 
+    from .validate import number
+
+    number("--max-examples", a.max_examples, lo=20, integer=True)
     run = _finished_run(a)
     other = _finished_run(a, a.against) if a.against else None
     out = Path(a.out) if a.out else run.path / "probe"
@@ -248,10 +263,38 @@ def _scores(a: argparse.Namespace) -> None:
     from .ensemble import train_ensemble
     from .results import make_result, save_result
 
+    from .validate import ConfigError, InputFileError, int_list, number
+
     run = _finished_run(a)
     families = a.score or ["dynamics", "curvature", "ssft", "holdout"]
     if "all" in families:
         families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia"]
+    # every check before anything is computed or written
+    epochs = int_list("--epochs", a.epochs, lo=0)
+    number("--n-directions", a.n_directions, lo=1, integer=True)
+    number("--h", a.h, lo=0, lo_open=True)
+    number("--models", a.models, lo=2, integer=True)
+    number("--ratio", a.ratio, lo=0, hi=1, lo_open=True, hi_open=True)
+    number("--cscore-models", a.cscore_models, lo=1, integer=True)
+    number("--ensemble-epochs", a.ensemble_epochs, lo=1, integer=True, none_ok=True)
+    number("--ensemble-lr", a.ensemble_lr, lo=0, lo_open=True, none_ok=True)
+    number("--ensemble-batch-size", a.ensemble_batch_size, lo=1, integer=True, none_ok=True)
+    if a.ensemble_model_arg and not a.ensemble_model:
+        raise ConfigError("--ensemble-model-arg goes with --ensemble-model NAME (a registered model); the run's own "
+                          "model takes none.")
+    if a.ensemble_model:
+        from .models import MODELS, check_model_kwargs
+
+        if a.ensemble_model not in MODELS:
+            raise ConfigError(f"The '--ensemble-model' parameter must be one of {sorted(MODELS)}. Got "
+                              f"{a.ensemble_model!r} instead.")
+        check_model_kwargs(a.ensemble_model, _kv(a.ensemble_model_arg, "--ensemble-model-arg"), "--ensemble-model-arg")
+    if not (run.examples.group == "noisy").any():
+        raise ConfigError(f"{run.path} has no flipped labels (trained with noise {run.config.noise}), so there is "
+                          "nothing for the scores' AUROC to recover; memloc scores needs a run with --noise > 0.")
+    if not (run.path / "dynamics.parquet").exists():
+        raise InputFileError(f"{run.path} has no dynamics.parquet (per-example training dynamics), which every score "
+                             "family starts from; retrain the run with memloc train (or record it with Recorder).")
     out = Path(a.out) if a.out else run.path / "scores"
     progress = not a.quiet
     c = run.config
@@ -259,7 +302,6 @@ def _scores(a: argparse.Namespace) -> None:
     table = scores.dynamics_scores(run)
     settings = {"dynamics": table.attrs["settings"]}
     if "curvature" in families:
-        epochs = [int(e) for e in a.epochs.split(",")] if a.epochs else None
         ck = scores.checkpoint_scores(run, epochs, a.n_directions, a.h, a.form, seed=a.seed, progress=progress)
         table = table.merge(ck.drop(columns="group"), on="example_id")
         settings["checkpoints"] = {k: v for k, v in ck.attrs["settings"].items() if k != "config"}
@@ -272,12 +314,9 @@ def _scores(a: argparse.Namespace) -> None:
         table = table.merge(ho[["example_id", "holdout_kl"]], on="example_id")
         settings["holdout"] = {k: v for k, v in ho.attrs["settings"].items() if k != "config"}
     data = run.data()
-    ens_kw = dict(model=a.ensemble_model, model_kwargs=_kv(a.ensemble_model_arg) or None, epochs=a.ensemble_epochs,
-                  lr=a.ensemble_lr, batch_size=a.ensemble_batch_size, optimizer=a.ensemble_optimizer, seed=a.seed,
-                  progress=progress)
-    if a.ensemble_model_arg and not a.ensemble_model:
-        raise ValueError("--ensemble-model-arg goes with --ensemble-model NAME (a registered model); the run's own "
-                         "model takes none.")
+    ens_kw = dict(model=a.ensemble_model, model_kwargs=_kv(a.ensemble_model_arg, "--ensemble-model-arg") or None,
+                  epochs=a.ensemble_epochs, lr=a.ensemble_lr, batch_size=a.ensemble_batch_size,
+                  optimizer=a.ensemble_optimizer, seed=a.seed, progress=progress)
     mi = None
     ens = None
     if "fz" in families or "mia" in families:
@@ -382,9 +421,18 @@ def _unlearn(a: argparse.Namespace) -> None:
 
     if (Path(a.run) / "world.json").exists():  # a language-model run (memloc lm train)
         return _unlearn_lm(a)
+    from .validate import ConfigError
+
     run = _finished_run(a)
     forget = a.forget or "noisy"
-    forget = forget if forget == "noisy" else [int(i) for i in forget.split(",") if i.strip()]
+    if forget != "noisy":
+        try:
+            forget = [int(i) for i in forget.split(",") if i.strip()]
+        except ValueError:
+            forget = []
+        if not forget:
+            raise ConfigError(f"The '--forget' parameter must be 'noisy' or comma-separated training example ids "
+                              f"(e.g. 3,17,42) for a classifier run. Got {a.forget!r} instead.")
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
     params = _method_params(a.param, METHODS)
     table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet)
@@ -410,7 +458,7 @@ def _unlearn(a: argparse.Namespace) -> None:
 def _method_params(items: list[str] | None, methods) -> dict:
     """``--param METHOD.KEY=VALUE`` -> ``{method: {key: value}}``."""
     params: dict = {}
-    for key, value in _kv(items).items():
+    for key, value in _kv(items, "--param").items():
         if "." not in key:
             raise ValueError(f"--param takes METHOD.KEY=VALUE (e.g. npo.steps=200); got {key!r}. Methods: "
                              f"{list(methods)}.")
@@ -529,6 +577,14 @@ def _edit(a: argparse.Namespace) -> None:
     from .edit.rome import EditConfig, key_second_moment, rome
     from .models.transformer import LMRun
 
+    from .validate import int_list, number
+
+    number("--v-steps", a.v_steps, lo=1, integer=True)
+    number("--clamp", a.clamp, lo=0, lo_open=True)
+    number("--n", a.n, lo=1, integer=True)
+    number("--layer", a.layer, lo=0, integer=True)
+    number("--limit", a.limit, lo=1, integer=True, none_ok=True)
+    int_list("--memit-layers", a.memit_layers, lo=0)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.model or a.requests:
@@ -666,7 +722,15 @@ def _edit_requests(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``memloc`` command. A user error (a bad value, file or folder; a full disk) is one line on stderr
+    and exit status 2; any other exception is a bug and keeps its traceback. ``--debug`` (anywhere on the line)
+    shows the traceback of user errors too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
     parser = argparse.ArgumentParser(prog="memloc", description="Locate memorization in neural networks.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error (may also "
+                                                             "follow the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on noisy labels, with checkpoints and per-example dynamics")
@@ -739,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="local process pool size / local Ray CPUs")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto: where each cell trains")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the spec's [train] or [methods] changed: recompute the cells they affect (default: refuse)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("lm", help="language models: train / trace / measure the testbed; find memorized sequences "
@@ -812,24 +878,62 @@ def main(argv: list[str] | None = None) -> int:
                 "scores": _scores, "sweep": _sweep, "lm": _lm, "edit": _edit, "unlearn": _unlearn,
                 "summary": _summary}
     try:
+        _check_common(a)
         rc = commands[a.command](a)
         return rc if isinstance(rc, int) else 0
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError) as e:
-        msg = " ".join(str(e).split())  # one line
+    except Exception as e:
+        msg = _user_error(e)
+        if msg is None or debug:
+            raise
         print(f"memloc: error: {msg}", file=sys.stderr)
         return 2
 
 
+# what a user can cause and fix; anything else is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, FloatingPointError)
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message of a user error, or ``None`` for a bug."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {e.filename}" if e.filename else ""
+        return (f"disk full{where} (no space left on device). Free some space and rerun the same command: "
+                "everything finished so far is kept.")
+    if isinstance(e, _USER_ERRORS):
+        return " ".join(str(e).split())
+    return None
+
+
+def _check_common(a: argparse.Namespace) -> None:
+    """Checks shared by every command: --threads, and --out / --save must not name a file."""
+    from .validate import OutputExistsError, number
+
+    if getattr(a, "threads", None) is not None:
+        number("--threads", a.threads, lo=1, integer=True)
+        import torch
+        torch.set_num_threads(a.threads)
+    for flag in ("out", "save"):
+        value = getattr(a, flag, None)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise OutputExistsError(f"The '--{flag}' parameter must be a folder; {value} is a file.")
+
+
 def _sweep(a: argparse.Namespace) -> None:
     from .sweep import load_spec, run_sweep
+    from .validate import number
 
     spec = load_spec(a.spec)
+    number("--workers", a.workers, lo=1, integer=True)
     out = a.out or f"sweeps/{spec['name']}"
     from .hooks import resolve_device
 
     if a.executor == "local":
         resolve_device(a.device)  # fail fast here; Ray workers resolve it on their own machines
-    table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet, device=a.device)
+    table = run_sweep(spec, out, a.executor, a.workers, a.address, progress=not a.quiet, device=a.device,
+                      overwrite=a.overwrite)
     print(f"sweep {spec['name']}: {table['cell'].nunique()} cells, {len(table)} rows -> "
           f"{out}/results.parquet, {out}/summary.png")
 

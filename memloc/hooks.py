@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .validate import UnknownKeyError
+
 __all__ = ["SiteError", "valid_sites", "resolve_site", "resolve_sites", "neuron_dim", "require_eval", "hooks",
            "scale_neurons", "ablate", "replace_parameters", "capture", "batched_forward", "model_device",
            "resolve_device", "copy_model"]
@@ -80,11 +82,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class SiteError(KeyError):
+class SiteError(UnknownKeyError):
     """A site name that the model does not have. The message lists close matches and the valid names."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0])
 
 
 def _hook_dict(model: nn.Module) -> Mapping[str, nn.Module]:

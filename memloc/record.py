@@ -37,6 +37,7 @@ from .results import make_result, save_result
 from .results import write_json
 from .train import (Run, TrainConfig, _check_forward, _ckpt_name, _claim_folder, _eval_rows, _finalize, _frame,
                     _per_example, _run_info, _write_run_start, load_checkpoint, save_checkpoint)
+from .validate import UnknownKeyError
 
 __all__ = ["Recorder", "from_checkpoints", "load_state_file"]
 
@@ -129,7 +130,7 @@ class Recorder:
             raise ValueError(f"The logits have {logits.shape[1]} classes but the data has {self.data.num_classes}.")
         bad = [i for i in ids.tolist() if i not in self._train_ids]
         if bad:
-            raise KeyError(f"Example id(s) {bad[:10]} are not training examples of this data (training ids: "
+            raise UnknownKeyError(f"Example id(s) {bad[:10]} are not training examples of this data (training ids: "
                            f"{len(self._train_ids)}, e.g. {sorted(self._train_ids)[:5]}).")
         pos = torch.as_tensor(self._pos.loc[ids.numpy()].to_numpy(copy=True))
         y = self.data.y[pos]

@@ -25,13 +25,24 @@ DEFAULTS = {"dataset": "mnist1d", "model": "cnn1d", "noise": 0.1, "seed": 0, "ab
             "curvature_checkpoints": 10, "probe_examples": 2000}
 
 
-def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[str], None]) -> pd.DataFrame:
+def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[str], None],
+          inputs: dict | None = None) -> pd.DataFrame:
+    """``out/NAME.parquet``: reused when its settings hold the same ``inputs``, else (re)computed."""
+    from .validate import differences
+
     path = out / f"{name}.parquet"
+    inputs = json.loads(json.dumps(inputs or {}))
     if path.exists():
-        log(f"{name}: done before, reusing {path}")
-        return load_result(path)
+        old = load_result(path)
+        settings = old.attrs.get("settings", {})
+        diff = differences({k: settings.get(k) for k in inputs}, inputs)
+        if not diff:
+            log(f"{name}: done before, reusing {path}")
+            return old
+        log(f"{name}: made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}), "
+            "recomputing")
     t0 = time.perf_counter()
-    df = fn()
+    df = make_result(fn(), **inputs)
     save_result(df, path)
     log(f"{name}: {time.perf_counter() - t0:.1f} s")
     return df
@@ -40,13 +51,21 @@ def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[s
 def investigate(out: str | Path = "reports/default", *, dataset: str | None = None, model: str | None = None,
                 noise: float | None = None, seed: int | None = None, train_overrides: dict | None = None,
                 ablate_per_group: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-                device: str = "cpu") -> Path:
+                device: str = "cpu", overwrite: bool = False) -> Path:
     """Run the whole investigation into ``out`` and return the path of its ``index.html``.
 
     Args default to :data:`DEFAULTS` (MNIST-1D, cnn1d, 10% flipped labels, seed 0). ``train_overrides`` are
     extra :class:`~memloc.train.TrainConfig` fields for both runs; ``device`` is where both train and every
     analysis runs.
+
+    ``out/memloc.json`` records the training settings: a rerun with other ones is refused (naming them) unless
+    ``overwrite=True``, which starts the folder afresh. A step whose own inputs changed (``ablate_per_group``) is
+    recomputed; a non-empty folder memloc did not write is refused unless ``overwrite``.
     """
+    import shutil
+
+    from .train import TrainConfig
+    from .validate import claim_output, number
     from . import locate
     from .analyses import plots, probes, scores
     from .train import format_summary, train
@@ -54,10 +73,16 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     o = dict(DEFAULTS)
     o.update({k: v for k, v in dict(dataset=dataset, model=model, noise=noise, seed=seed,
                                     ablate_per_group=ablate_per_group).items() if v is not None})
+    number("ablate_per_group", o["ablate_per_group"], lo=1, integer=True)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = {"dataset": o["dataset"], "model": o["model"], "noise": o["noise"], "seed": o["seed"],
             **(train_overrides or {})}
+    cfg = TrainConfig.from_dict(base).validate().to_dict()  # every value checked before anything is written
+    if claim_output(out, "investigation", {"train": cfg}, overwrite=overwrite):
+        for p in list(out.iterdir()):  # other training settings: nothing in the folder is valid any more
+            if p.name != "memloc.json":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     log(f"investigation: {base['model']} on {base['dataset']}, {base['noise']:.0%} flipped labels, seed "
         f"{base['seed']} -> {out}/")
     run = train(base, out / "run", progress=progress, device=device)
@@ -78,7 +103,8 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     auc = _step(out, "auroc", lambda: scores.auroc_table(sc), log)
     rw = _step(out, "rewind", lambda: locate.rewind_layers(run, progress=progress), log)
     rt = _step(out, "retrain", lambda: locate.retrain_layers(run, progress=progress), log)
-    ab = _step(out, "ablate", lambda: locate.ablate_examples(run, o["ablate_per_group"], progress=progress), log)
+    ab = _step(out, "ablate", lambda: locate.ablate_examples(run, o["ablate_per_group"], progress=progress), log,
+               {"n_per_group": o["ablate_per_group"]})
     kw = dict(max_examples=o["probe_examples"], seed=o["seed"])
     import warnings
     with warnings.catch_warnings():
@@ -166,10 +192,18 @@ def _findings(run, clean, auc, rw, rt, ab, same, dim, knn) -> list[str]:
     f.append("Resetting one layer and retraining it on clean examples (others frozen) brings flipped-label accuracy "
              "back to " + ", ".join(f"{l} {last.loc[l, 'noisy']:.0%}" for l in last.index) + ".")
     fl = summarize_flips(ab)
-    f.append(f"Greedy ablation flips a noisy example after a median of {fl['noisy']['median_units']:g} units vs "
-             f"{fl['clean']['median_units']:g} for clean ones (Mann-Whitney p = {fl['mannwhitney_p_noisy_fewer']:.1e}); "
-             f"the flip costs {-fl['noisy']['mean_test_acc_change']:.1%} test accuracy for noisy vs "
-             f"{-fl['clean']['mean_test_acc_change']:.1%} for clean examples.")
+    excl = ab.attrs.get("settings", {}).get("unfit_excluded") or {}
+    left_out = (f" ({' and '.join(f'{n} {g}' for g, n in excl.items() if n)} examples the model does not fit were "
+                "left out: they have nothing to flip)") if any(excl.values()) else ""
+    if fl["noisy"]["n"] and fl["clean"]["n"]:
+        f.append(f"Greedy ablation flips a noisy example after a median of {fl['noisy']['median_units']:g} units vs "
+                 f"{fl['clean']['median_units']:g} for clean ones (Mann-Whitney p = {fl['mannwhitney_p_noisy_fewer']:.1e}); "
+                 f"the flip costs {-fl['noisy']['mean_test_acc_change']:.1%} test accuracy for noisy vs "
+                 f"{-fl['clean']['mean_test_acc_change']:.1%} for clean examples{left_out}.")
+    else:
+        missing = "noisy" if not fl["noisy"]["n"] else "clean"
+        f.append(f"Greedy ablation has no finding: the model fits none of the {missing} examples, so there is nothing to "
+                 f"flip and nothing to compare{left_out}.")
     cka = same[same.method == "cka"]
     f.append("The memorizing and clean-label models agree less with depth (CKA per layer: " +
              ", ".join(f"{r.layer_a} {r.similarity:.2f}" for r in cka.itertuples()) + ").")

@@ -8,6 +8,7 @@ half-written file behind: either the old file or the new one exists.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -24,7 +25,12 @@ SETTINGS_KEY = b"memloc.settings"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        from .validate import OutputExistsError
+        raise OutputExistsError(f"Cannot write {path}: {path.parent} is a file, not a folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -32,10 +38,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -45,7 +58,17 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """Read a JSON file; a missing, unreadable or malformed one is an error that names the file."""
+    from .validate import InputFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path} {'is a folder, not a file' if path.is_dir() else 'does not exist'} "
+                             "(a JSON file was expected).")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{path} is not valid JSON ({e}); it is corrupt or truncated.") from None
 
 
 def _json_default(o: Any) -> Any:
@@ -90,9 +113,18 @@ def save_result(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def load_result(path: str | os.PathLike) -> pd.DataFrame:
     """Read a parquet result written by :func:`save_result`; settings come back in ``df.attrs["settings"]``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    from .validate import InputFileError
+
+    if not Path(path).is_file():
+        raise InputFileError(f"{path} {'is a folder' if Path(path).is_dir() else 'does not exist'} (a parquet "
+                             "result was expected).")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputFileError(f"{path} is not a readable parquet file ({e}); it is corrupt or truncated.") from None
     df = table.to_pandas()
     meta = table.schema.metadata or {}
     df.attrs["settings"] = json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else {}

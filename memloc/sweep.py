@@ -45,36 +45,90 @@ GRID_KEYS = ("dataset", "model", "noise", "seed", "method")
 METHODS = ("summary", "rewind", "retrain", "ablate", "scores")
 
 
+SECTIONS = ("name", "grid", "train", "methods")
+
+
+def _method_functions() -> dict[str, list]:
+    """The functions whose keyword arguments each method's ``[methods.NAME]`` table may set."""
+    from .locate import ablate, retrain, rewind
+
+    return {"summary": [], "scores": [], "rewind": [rewind.rewind_layers], "retrain": [retrain.retrain_layers],
+            "ablate": [ablate.ablate_examples, ablate.greedy_flip]}
+
+
 def load_spec(spec: str | Path | dict) -> dict:
-    """Read and validate a spec (TOML path or dict)."""
+    """Read and validate a spec (TOML path or dict) against the schema: the sections ``name``, ``[grid]``,
+    ``[train]`` and ``[methods.NAME]`` only; grid values of known datasets, models and methods; ``[train]`` fields
+    that make a valid :class:`~memloc.train.TrainConfig` with every grid value; method keywords the method
+    takes; a name that is a plain file name. Raises :class:`~memloc.validate.ConfigError` naming the entry."""
+    import inspect
+
+    from .data import DATASETS
+    from .models import MODELS
+    from .train import TrainConfig
+    from .validate import ConfigError, InputFileError, known_keys, number, safe_name
+
     if not isinstance(spec, dict):
         import tomllib
 
         path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f"No sweep spec at {path}.")
-        spec = tomllib.loads(path.read_text())
+        if not path.is_file():
+            raise InputFileError(f"No sweep spec at {path}" + (" (it is a folder; give the .toml file)."
+                                                                if path.is_dir() else "."))
+        try:
+            spec = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputFileError(f"The sweep spec {path} is not valid TOML: {e}.") from None
     spec = dict(spec)
+    known_keys("spec", spec, SECTIONS, "top-level sections of a sweep spec")
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
-        raise ValueError("A sweep spec needs a [grid] table naming lists of values for "
-                         f"{list(GRID_KEYS)}.")
-    unknown = set(grid) - set(GRID_KEYS)
+        raise ConfigError("A sweep spec needs a [grid] table naming lists of values for "
+                          f"{list(GRID_KEYS)}.")
+    unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
-        raise ValueError(f"Unknown grid key(s) {sorted(unknown)}; valid keys are {list(GRID_KEYS)}.")
+        raise ConfigError(f"Unknown grid key(s) {unknown} in the 'grid' parameter; valid keys are {list(GRID_KEYS)}.")
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
-            raise ValueError(f"grid.{k} must be a non-empty list; got {v!r}.")
-    bad = set(grid.get("method", ["summary"])) - set(METHODS)
-    if bad:
-        raise ValueError(f"Unknown method(s) {sorted(bad)}; valid methods are {list(METHODS)}.")
-    unknown_methods = set(spec.get("methods", {})) - set(METHODS)
-    if unknown_methods:
-        raise ValueError(f"[methods.*] names unknown method(s) {sorted(unknown_methods)}; valid: {list(METHODS)}.")
-    spec.setdefault("name", "sweep")
-    spec.setdefault("train", {})
-    spec.setdefault("methods", {})
+            raise ConfigError(f"The 'grid.{k}' parameter must be a non-empty list. Got {v!r} instead.")
+    for k, valid in (("dataset", sorted(DATASETS)), ("model", sorted(MODELS)), ("method", list(METHODS))):
+        bad = [v for v in grid.get(k, []) if v not in valid]
+        if bad:
+            raise ConfigError(f"Unknown {k}(s) {bad} in the 'grid.{k}' parameter; valid values are {valid}.")
+    for v in grid.get("noise", []):
+        number("grid.noise", v, lo=0, hi=1, hi_open=True)
+    for v in grid.get("seed", []):
+        number("grid.seed", v, integer=True)
+    spec["name"] = safe_name("name", spec.get("name", "sweep"))
+    train = spec.setdefault("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f"The 'train' section must be a table of TrainConfig fields. Got {train!r} instead.")
+    fields = [f for f in TrainConfig.__dataclass_fields__ if f not in ("dataset", "model", "noise", "seed")]
+    known_keys("train", train, fields, "TrainConfig fields; dataset, model, noise and seed go in [grid]")
+    for dataset in grid.get("dataset", ["mnist1d"]):
+        for model in grid.get("model", ["mlp"]):
+            TrainConfig.from_dict(_train_config(spec, {"dataset": dataset, "model": model, "noise": 0.0,
+                                                       "seed": 0})).validate()
+    methods = spec.setdefault("methods", {})
+    if not isinstance(methods, dict):
+        raise ConfigError(f"The 'methods' section must hold [methods.NAME] tables. Got {methods!r} instead.")
+    known_keys("methods", methods, METHODS, "methods with arguments")
+    for m, kwargs in methods.items():
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"[methods.{m}] must be a table of keyword arguments. Got {kwargs!r} instead.")
+        valid = {k for fn in _method_functions()[m] for k, p in inspect.signature(fn).parameters.items()
+                 if p.kind is not p.VAR_KEYWORD and k not in ("run", "model", "data", "example_ids", "progress")}
+        known_keys(f"methods.{m}", kwargs, valid, f"keyword arguments of the {m!r} method")
     return spec
+
+
+def _train_config(spec: dict, cell: dict) -> dict:
+    """The TrainConfig fields of a cell's run (``stop_at_train_acc = 0`` / ``false`` in the spec: train all epochs)."""
+    cfg = {**spec["train"], "dataset": cell["dataset"], "model": cell["model"], "noise": cell["noise"],
+           "seed": cell["seed"]}
+    if cfg.get("stop_at_train_acc") in (0, False):
+        cfg["stop_at_train_acc"] = None
+    return cfg
 
 
 def _cell_id(cell: dict) -> str:
@@ -126,11 +180,7 @@ def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1, device
 
     torch.set_num_threads(threads)
     out = Path(out)
-    first = cells[0]
-    train_cfg = {**spec["train"], "dataset": first["dataset"], "model": first["model"], "noise": first["noise"],
-                 "seed": first["seed"]}
-    if train_cfg.get("stop_at_train_acc") in (0, False):
-        train_cfg["stop_at_train_acc"] = None
+    train_cfg = _train_config(spec, cells[0])
     records = []
     run = None
     for cell in cells:
@@ -152,18 +202,29 @@ def _run_group(spec: dict, cells: list[dict], out: str, threads: int = 1, device
 
 def run_sweep(spec: str | Path | dict, out: str | Path, executor: str = "local", workers: int = 1,
               address: str | None = None, progress: bool = True,
-              on_cell_done: Callable[[dict], Any] | None = None, device: str = "cpu") -> pd.DataFrame:
+              on_cell_done: Callable[[dict], Any] | None = None, device: str = "cpu",
+              overwrite: bool = False) -> pd.DataFrame:
     """Run every cell of ``spec`` not yet in ``out`` and return the collected table (see :func:`collect`).
 
     ``executor="local"`` runs the run-groups one after another (``workers=1``) or in a process pool;
     ``executor="ray"`` submits one Ray task per run-group (``address`` as for ``ray.init``). ``on_cell_done``
     is called in the coordinating process after each group with each finished cell's record. ``device``
     (``cpu``, ``cuda``, ``auto``) is where each worker trains and analyses; it is resolved in the worker.
+
+    ``out/spec.json`` records the spec. A rerun may add grid values (new cells); if ``[train]`` or ``[methods]``
+    changed, the finished cells no longer match, so the rerun is refused naming the changed keys, or with
+    ``overwrite=True`` the cells (and runs) they affect are deleted and recomputed. A non-empty ``out`` that is
+    not a sweep is refused unless ``overwrite``.
     """
     from tqdm.auto import tqdm
 
+    from .validate import choice, number
+
     spec = load_spec(spec)
+    choice("executor", executor, ["local", "ray"])
+    number("workers", workers, lo=1, integer=True)
     out = Path(out)
+    _claim_store(out, spec, overwrite)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_json(spec, out / "spec.json")
     cells = expand(spec)
@@ -213,6 +274,40 @@ def run_sweep(spec: str | Path | dict, out: str | Path, executor: str = "local",
         raise ValueError(f"The 'executor' parameter must be 'local' or 'ray'. Got {executor!r} instead.")
     bar.close()
     return collect(out)
+
+
+def _claim_store(out: Path, spec: dict, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, clear) what in ``out`` was made with another ``[train]`` / ``[methods]``."""
+    import shutil
+
+    from .results import read_json
+    from .validate import OutputExistsError, differences
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The sweep output {out} is a file, not a folder.")
+    if not (out / "spec.json").exists():
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{out} exists, is not empty and holds no sweep (no spec.json); refusing to write "
+                                    "into it. Choose another folder, or pass overwrite=True (--overwrite).")
+        return
+    old = read_json(out / "spec.json")
+    diff = differences({"train": old.get("train", {}), "methods": old.get("methods", {})},
+                       {"train": spec["train"], "methods": spec["methods"]})
+    if not diff:
+        return
+    if not overwrite:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise OutputExistsError(f"{out} holds a sweep made with other settings ({shown}); its finished cells would "
+                                "not match. Choose another folder, or pass overwrite=True (--overwrite) to recompute "
+                                "the cells they affect.")
+    if any(k.startswith("train") for k in diff):
+        for sub in ("cells", "runs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    else:
+        changed = {k.split(".")[1] for k in diff}
+        for f in (out / "cells").glob("*.parquet"):
+            if f.stem.rsplit("-", 1)[-1] in changed:
+                f.unlink()
 
 
 def collect(out: str | Path) -> pd.DataFrame:

@@ -103,38 +103,63 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"Unknown TrainConfig field(s) {sorted(unknown)}; valid fields are {sorted(names)}.")
+            from .validate import ConfigError
+            raise ConfigError(f"Unknown TrainConfig field(s) {sorted(unknown)}; valid fields are {sorted(names)}.")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def validate(self) -> "TrainConfig":
+        """Check every field (type, range, known names, the dataset's and model's keyword arguments); raises
+        :class:`~memloc.validate.ConfigError` naming the field and what is valid."""
         from .data import DATASETS
-        from .models import MODELS
+        from .models import MODELS, check_model_kwargs
+        from .validate import ConfigError, call_keywords, number
 
         def need(ok: bool, name: str, valid: str):
             if not ok:
-                raise ValueError(f"The {name!r} parameter must be {valid}. Got {getattr(self, name)!r} instead.")
+                raise ConfigError(f"The {name!r} parameter must be {valid}. Got {getattr(self, name)!r} instead.")
 
         need(self.dataset in DATASETS or self.dataset == "custom", "dataset", f"one of {sorted(DATASETS)}")
         need(self.model in MODELS or self.model == "custom", "model",
              f"one of {sorted(MODELS)} (or 'custom' with train(..., model=your_factory))")
-        need(isinstance(self.noise, (int, float)) and 0 <= self.noise < 1, "noise", "a number in [0, 1)")
+        need(isinstance(self.dataset_kwargs, dict), "dataset_kwargs", "a dict")
+        need(isinstance(self.model_kwargs, dict), "model_kwargs", "a dict")
+        if self.dataset in DATASETS:
+            call_keywords("dataset_kwargs", DATASETS[self.dataset], self.dataset_kwargs, what=f"dataset {self.dataset!r}")
+        if self.model in MODELS:
+            check_model_kwargs(self.model, self.model_kwargs)
+        number("noise", self.noise, lo=0, hi=1, hi_open=True)
+        number("noise_seed", self.noise_seed, integer=True, none_ok=True)
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
-        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",
-             "a finite float in (0, inf)")
+        number("lr", self.lr, lo=0, lo_open=True)
+        number("momentum", self.momentum, lo=0, hi=1)
+        number("weight_decay", self.weight_decay, lo=0)
+        number("warmup", self.warmup, lo=0, hi=1, hi_open=True)
+        need(isinstance(self.milestones, list) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                                       for m in self.milestones), "milestones", "a list of epochs >= 1")
+        number("gamma", self.gamma, lo=0, lo_open=True)
         need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an int in [1, inf)")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an int in [1, inf)")
-        need(isinstance(self.seed, int), "seed", "an int")
-        need(self.stop_at_train_acc is None or 0 < self.stop_at_train_acc <= 1, "stop_at_train_acc",
-             "None or a number in (0, 1]")
-        need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        number("batch_size", self.batch_size, lo=1, integer=True)
+        number("epochs", self.epochs, lo=1, integer=True)
+        number("eval_batch_size", self.eval_batch_size, lo=1, integer=True)
+        number("seed", self.seed, integer=True)
+        number("stop_at_train_acc", self.stop_at_train_acc, lo=0, hi=1, lo_open=True, none_ok=True)
+        need(isinstance(self.eval_each_epoch, bool), "eval_each_epoch", "true or false")
         etd = self.example_tied_dropout
         need(etd is None or (isinstance(etd, dict) and set(etd) <= {"sites", "p_fixed", "p_mem"}),
              "example_tied_dropout", "None or a dict with keys among ['sites', 'p_fixed', 'p_mem']")
+        if etd is not None:
+            if etd.get("p_fixed") is not None:
+                number("p_fixed", etd["p_fixed"], lo=0, hi=1, hi_open=True)
+            if etd.get("p_mem") is not None:
+                number("p_mem", etd["p_mem"], lo=0, hi=1, lo_open=True)
+            if etd.get("sites") is not None and not (isinstance(etd["sites"], list)
+                                                     and all(isinstance(x, str) for x in etd["sites"])):
+                raise ConfigError(f"The 'sites' parameter must be a list of layer names. Got {etd['sites']!r} "
+                                  "instead.")
         return self
 
 
@@ -218,10 +243,16 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors checkpoint as a state_dict."""
     from safetensors.torch import load_file
 
+    from .validate import InputFileError
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    return load_file(str(path))
+    if not path.is_file():
+        raise InputFileError(f"No checkpoint at {path}.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise InputFileError(f"The checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); retrain "
+                             "the run (--overwrite) or restore the file.") from None
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -263,6 +294,14 @@ class Run:
                                     "memloc.train(...), memloc.Recorder(...), memloc.Run.from_checkpoints(...) or "
                                     "`memloc train --out ...`.")
         raw = read_json(self.path / "config.json")
+        if not isinstance(raw, dict) or "train" not in raw:
+            from .validate import InputFileError
+
+            if (self.path / "world.json").exists():
+                raise InputFileError(f"{self.path} is a language-model run (memloc lm train), not a classifier run; "
+                                     "use `memloc lm ...`, `memloc edit` or `memloc unlearn` with it.")
+            raise InputFileError(f"{self.path / 'config.json'} is not the config of a memloc run (no 'train' "
+                                 "section).")
         self.config = TrainConfig.from_dict(raw["train"])
         self.info = raw
         self.device = resolve_device(device)
@@ -409,7 +448,8 @@ def _load_run_data(path: Path, cfg: TrainConfig) -> Dataset:
         data = _build_data(cfg)
     if not (np.array_equal(data.example_id.numpy(), examples.example_id.values)
             and np.array_equal(data.y.numpy(), examples.label.values)):
-        raise RuntimeError(f"The data rebuilt for {path} does not match its examples.parquet (a different "
+        from .validate import InputFileError
+        raise InputFileError(f"The data rebuilt for {path} does not match its examples.parquet (a different "
                            "dataset version?). The run cannot be analysed with these examples.")
     return data
 
@@ -564,6 +604,10 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
     net = net.to(dev)
     etd = make_etd(cfg, net, data)
     info = _run_info(cfg, data, factory, net)
+    opt = _make_optimizer(cfg, net)  # also before anything is written
+    if out.exists() and not out.is_dir():
+        from .validate import OutputExistsError
+        raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder for the run.")
     if (out / "config.json").exists() and not overwrite:
         old = read_json(out / "config.json")
         if old.get("train") != info["train"]:
@@ -585,7 +629,6 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
     dyndir.mkdir(exist_ok=True)
     examples = data.examples()
 
-    opt = _make_optimizer(cfg, net)
     train_data = data.train
     n_train = len(train_data)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -602,7 +645,12 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
     state_path = out / "state.pt"
     history: list[dict] = []
     if state_path.exists():
-        st = torch.load(state_path, weights_only=True, map_location="cpu")
+        try:
+            st = torch.load(state_path, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated or foreign: only possible if something outside memloc damaged it
+            from .validate import InputFileError
+            raise InputFileError(f"{state_path} is corrupt or truncated ({type(e).__name__}); the run cannot resume. "
+                                 "Pass overwrite=True (--overwrite) to train it again.") from None
         start, seconds, history, done = st["epoch"] + 1, st["seconds"], st["history"], st["done"]
         load_state(net, load_checkpoint(ckdir / _ckpt_name(st["epoch"])), what=f"The checkpoint of {out}")
         opt.load_state_dict(st["optimizer"])

@@ -134,7 +134,7 @@ def test_a_different_config_is_not_mixed_into_an_existing_run(run, small_config)
 
 
 @pytest.mark.parametrize("field,value,msg", [("dataset", "imagenet", "'dataset' parameter must be one of"),
-                                             ("noise", 1.0, r"'noise' parameter must be a number in \[0, 1\)"),
+                                             ("noise", 1.0, r"'noise' parameter must be a finite number in \[0, 1\)"),
                                              ("model", "gpt", "'model' parameter must be one of"),
                                              ("batch_size", 0, r"'batch_size' parameter must be an int in \[1, inf\)")])
 def test_bad_config(tmp_path, field, value, msg):
@@ -184,3 +184,63 @@ def test_resnet9_runs_through_the_pipeline_with_batchnorm_buffers(tmp_path):
     assert "layers.0.bn.running_mean" in ck and int(ck["layers.0.bn.num_batches_tracked"]) == 3 * 3
     assert _bits_equal(ck, full.checkpoint())
     assert not torch.equal(ck["layers.0.bn.running_mean"], full.checkpoint(0)["layers.0.bn.running_mean"])
+
+
+def _killed_at(point: str, cfg: dict, out) -> int:
+    """Run ``train(cfg, out)`` in a subprocess that dies with ``os._exit(9)`` at ``point``: ``"finalize"`` (after 3
+    per-epoch dynamics files were deleted by the clean-up, defect 2 of issue 16) or ``"first_state"`` (half-way
+    through writing the first ``state.pt``, defect 4). Returns the exit status."""
+    code = f"""
+import os, torch
+torch.set_num_threads(1)
+from memloc.train import train
+point = {point!r}
+if point == "finalize":
+    real, n = os.unlink, [0]
+    def unlink(p, *a, **k):
+        name = os.path.basename(str(p))
+        if name.startswith("epoch_") and name.endswith(".parquet"):
+            n[0] += 1
+            if n[0] == 4:
+                os._exit(9)
+        return real(p, *a, **k)
+    os.unlink = unlink
+else:
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\\x03\\x04 half a file")
+            os._exit(9)
+        return real_save(obj, f, *a, **k)
+    torch.save = save
+train({cfg!r}, {str(out)!r}, progress=False)
+"""
+    return subprocess.run([sys.executable, "-c", code]).returncode
+
+
+def test_a_kill_while_deleting_the_dynamics_parts_loses_no_row(run, tmp_path, small_config):
+    out = tmp_path / "k"
+    assert _killed_at("finalize", small_config, out) == 9
+    assert (out / "dynamics.parquet").exists() and not (out / "summary.json").exists()
+    left = sorted((out / "dynamics").glob("epoch_*.parquet"))
+    assert 0 < len(left) < run.summary["epochs"] + 1 - 2  # killed part-way through the deletion
+    resumed = train(small_config, out, progress=False)
+    pd.testing.assert_frame_equal(resumed.dynamics, run.dynamics)
+    assert not (out / "dynamics").exists()
+
+
+def test_a_kill_during_the_first_state_write_leaves_a_run_that_resumes(run, tmp_path, small_config):
+    import os
+
+    out = tmp_path / "k"
+    assert _killed_at("first_state", small_config, out) == 9
+    assert not (out / "state.pt").exists() and list(out.glob(".state.pt.*.tmp"))  # the half file never took its name
+    resumed = train(small_config, out, progress=False)
+    assert _bits_equal(resumed.checkpoint(), run.checkpoint())
+    pd.testing.assert_frame_equal(resumed.dynamics, run.dynamics)
+    assert not list(out.rglob("*.tmp"))  # the killed writer's temp file is cleaned up
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("summary.json", "state.pt", "dynamics.parquet", "checkpoints/epoch_001.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600

@@ -75,6 +75,17 @@ class TwoNN:
             raise ValueError("Fewer than 2 points left after discarding; use more points or a smaller discard_fraction.")
         x = np.log(mu[:keep])
         y = -np.log(1 - np.arange(1, keep + 1) / n)
+        x = np.where(x <= 1e-9, 0.0, x)  # equal distances up to rounding: mu = 1
+        ties = float(np.mean(x == 0))
+        if not x @ x > 0:
+            from ..validate import MemlocError
+            raise MemlocError(f"TwoNN is undefined on these {n} points: every point's second-nearest neighbour is as "
+                              "near as its first (mu = 1), as on a regular grid or evenly spaced points on a line. "
+                              "Use MLE, or add a little noise to the points.")
+        if ties > 0.5:
+            import warnings
+            warnings.warn(f"{ties:.0%} of the points have their two nearest neighbours at the same distance (a grid or "
+                          "evenly spaced points); TwoNN's estimate is unreliable here.", stacklevel=2)
         self.dimension_ = float((x @ y) / (x @ x))
         self.n_points_ = n
         return self

@@ -26,7 +26,11 @@ __all__ = ["sample_ids", "layer_activations", "compare_layers", "checkpoint_simi
 
 def sample_ids(run, split: str = "train", max_examples: int | None = 2000, seed: int = 0,
                groups: Sequence[str] | None = None) -> np.ndarray:
-    """A seeded, sorted sample of example ids of ``split`` (``train``, ``test`` or ``all``), optionally of groups."""
+    """A seeded, sorted sample of example ids of ``split`` (``train``, ``test`` or ``all``), optionally of groups.
+    ``max_examples``: at least 20 (fewer leaves too few points for any probe), or ``None`` for all."""
+    from ..validate import number
+
+    number("max_examples", max_examples, lo=20, integer=True, none_ok=True)
     ex = run.examples
     if split != "all":
         if split not in ("train", "test"):

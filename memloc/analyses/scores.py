@@ -57,7 +57,9 @@ def dynamics_scores(run, source: str | None = None) -> pd.DataFrame:
     train_ids = ex.example_id[ex.split == "train"].to_numpy()
     dyn = run.dynamics
     if dyn.empty:
-        raise ValueError(f"{run.path} has no dynamics record.")
+        from ..validate import InputFileError
+        raise InputFileError(f"{run.path} has no dynamics record (dynamics.parquet), which the dynamics scores are "
+                             "computed from; train the run with memloc.train or record it with memloc.Recorder.")
     unknown = np.setdiff1d(dyn.example_id.unique(), ex.example_id.to_numpy())
     if len(unknown):
         raise ValueError(f"{run.path}: its dynamics record has example ids {unknown[:5].tolist()} that its examples "
@@ -220,6 +222,13 @@ def auroc_table(scores: pd.DataFrame, positive: str = "noisy", negative: str = "
     """
     from sklearn.metrics import roc_auc_score
 
+    from ..validate import ConfigError
+
+    for g in (positive, negative):
+        if not (scores.group == g).any():
+            raise ConfigError(f"The AUROC needs both {positive!r} and {negative!r} examples, but the scores have no "
+                              f"{g!r} examples (groups present: {sorted(scores.group.unique())}); a run trained "
+                              "without flipped labels has no 'noisy' ones.")
     rows = []
     for col in _score_columns(scores):
         if col not in DIRECTION:

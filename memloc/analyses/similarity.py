@@ -166,6 +166,10 @@ def svcca_details(x, y, keep_variance: float = 0.99, k: int | None = None,
     if len(x) <= max(rx.shape[1], ry.shape[1]):
         raise ValueError(f"SVCCA kept {rx.shape[1]} and {ry.shape[1]} directions for {len(x)} examples; CCA needs "
                          "more examples than directions. Pass a smaller k.")
+    if len(x) < 5 * (rx.shape[1] + ry.shape[1]):  # the same rule as plain CCA's warning
+        warnings.warn(f"SVCCA with {len(x)} examples for {rx.shape[1]}+{ry.shape[1]} kept directions is biased upwards "
+                      "(independent data gives large coefficients until n is many times the directions); pass a "
+                      "smaller k, use more examples, or use CKA.", stacklevel=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         s = _cca(rx, ry, check=False)["s"]

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..validate import UnknownKeyError
+
 GROUPS = ("clean", "noisy", "test")
 
 
@@ -78,7 +80,7 @@ class Dataset:
         pos = pd.Series(np.arange(len(self)), index=self.example_id.numpy())
         missing = np.setdiff1d(ids, pos.index.values)
         if len(missing):
-            raise KeyError(f"Unknown example id(s) {missing[:10].tolist()}; ids run from "
+            raise UnknownKeyError(f"Unknown example id(s) {missing[:10].tolist()}; ids run from "
                            f"{int(self.example_id.min())} to {int(self.example_id.max())}.")
         return self.subset(pos.loc[ids].values)
 

@@ -35,10 +35,11 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
     unknown = set(overrides) - set(args)
     if unknown:
         raise ValueError(f"Unknown MNIST-1D argument(s) {sorted(unknown)}; valid ones are {sorted(args)}.")
-    if not isinstance(num_samples, int) or num_samples < 20:
-        raise ValueError(f"num_samples must be an int >= 20. Got {num_samples!r} instead.")
-    if not 0.0 < train_split < 1.0:
-        raise ValueError(f"train_split must be in (0, 1). Got {train_split!r} instead.")
+    from ..validate import number
+
+    number("num_samples", num_samples, lo=20, integer=True)
+    number("train_split", train_split, lo=0, hi=1, lo_open=True, hi_open=True)
+    number("seed", seed, integer=True)
     args.update(overrides, num_samples=num_samples, train_split=train_split, seed=seed)
     args.pop("url", None)
 
@@ -65,8 +66,12 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, images: bool = False)
     from sklearn.datasets import load_digits as _load
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1). Got {test_fraction!r} instead.")
+    from ..validate import ConfigError, number
+
+    number("test_fraction", test_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+    number("seed", seed, integer=True)
+    if not isinstance(images, bool):
+        raise ConfigError(f"The 'images' parameter must be true or false. Got {images!r} instead.")
     d = _load()
     x = (d.data / 16.0).astype(np.float32)
     idx = np.arange(len(x))
@@ -117,6 +122,10 @@ def load_cifar10(root: str | os.PathLike | None = None, n_train: int | None = No
     Returns ``x`` of shape ``[N, 3, 32, 32]``. Batch files are read with an unpickler that accepts only
     numpy arrays and plain containers.
     """
+    from ..validate import number
+
+    number("n_train", n_train, lo=1, integer=True, none_ok=True)
+    number("n_test", n_test, lo=1, integer=True, none_ok=True)
     folder = _cifar_folder(root)
     names = [f"data_batch_{i}" for i in range(1, 6)]
     missing = [n for n in names if not (folder / n).exists()]
@@ -124,10 +133,16 @@ def load_cifar10(root: str | os.PathLike | None = None, n_train: int | None = No
         raise FileNotFoundError(f"{folder} lacks {missing}. " + CIFAR_HELP)
 
     def read(name: str):
-        with open(folder / name, "rb") as fh:
-            d = _ArrayUnpickler(fh, encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
+        from ..validate import InputFileError
+
+        try:
+            with open(folder / name, "rb") as fh:
+                d = _ArrayUnpickler(fh, encoding="bytes").load()
+            data = np.asarray(d[b"data"], dtype=np.uint8)
+            labels = np.asarray(d[b"labels"], dtype=np.int64)
+        except Exception as e:  # refused classes, garbage bytes, truncation, wrong containers
+            raise InputFileError(f"{folder / name} is not a CIFAR-10 python batch ({type(e).__name__}: {e}). "
+                                 + CIFAR_HELP) from None
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
             raise ValueError(f"{folder / name} is not a CIFAR-10 batch: data has shape {list(data.shape)}, "
                              f"expected [n, 3072] with n labels (got {len(labels)}).")
@@ -162,4 +177,7 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid datasets are {sorted(DATASETS)} "
                          "(or build one from arrays with memloc.data.from_arrays).")
+    from ..validate import call_keywords
+
+    call_keywords("dataset_kwargs", DATASETS[name], kwargs, what=f"dataset {name!r}")
     return DATASETS[name](**kwargs)

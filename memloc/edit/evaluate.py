@@ -59,6 +59,10 @@ def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinc
     the subject's facts of the other relations. ``distinct_subjects`` draws at most one fact per subject. The same
     seed gives the same requests with or without ``exclude_edited``; only neighbours differ."""
     from ..data.records import EditRecord
+    from ..validate import number
+
+    number("n", n, lo=1, integer=True)
+    number("n_neighbours", n_neighbours, lo=0, integer=True)
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(world.facts))

@@ -255,7 +255,8 @@ def train_oracle(run, forget_ids, out: str | Path | None = None, progress: bool 
     seen = oracle.data()
     trained_on = seen.example_id.numpy()[seen.split == "train"]
     if np.isin(forget_ids, trained_on).any() or not np.array_equal(np.sort(trained_on), split.retain):
-        raise RuntimeError(f"The oracle at {out} was not trained on exactly the retain set of this forget set; "
+        from ..validate import OutputExistsError
+        raise OutputExistsError(f"The oracle at {out} was not trained on exactly the retain set of this forget set; "
                            "remove the folder or choose another out=.")
     if "unlearn_oracle" not in summary:
         summary["unlearn_oracle"] = {"source_run": str(run.path), "excluded_ids": forget_ids.tolist(),

@@ -39,6 +39,7 @@ from ..data import Dataset
 from ..hooks import SiteError, hooks, model_device, replace_parameters, require_eval
 from ..results import make_result
 from ._common import resolve_layers, seeded_generator
+from ..validate import UnknownKeyError
 
 
 @dataclass
@@ -328,7 +329,12 @@ def greedy_flip(model: nn.Module, data: Dataset, example_ids: Sequence[int], *, 
     final_prediction, units`` (list of ``"layer:index"``), ``unit_layers`` (list of layer names),
     ``clean_acc_change, test_acc_change``. The model is left exactly as it was.
     """
+    from ..validate import number
+
     require_eval(model, "Greedy ablation")
+    number("keep_weight", keep_weight, lo=0)
+    number("noise_scale", noise_scale, lo=0)
+    number("eval_size", eval_size, lo=0, integer=True, none_ok=True)
     for name, val, lo in [("batch_size", batch_size, 1), ("max_units", max_units, 1), ("noise_samples", noise_samples, 0),
                           ("max_rows", max_rows, 1)]:
         if not isinstance(val, int) or val < lo:
@@ -341,7 +347,7 @@ def greedy_flip(model: nn.Module, data: Dataset, example_ids: Sequence[int], *, 
     ids = [int(i) for i in np.asarray(example_ids).reshape(-1)]
     bad = [i for i in ids if i not in id_to_pos.index]
     if bad:
-        raise KeyError(f"Example id(s) {bad[:10]} are not training examples of this dataset.")
+        raise UnknownKeyError(f"Example id(s) {bad[:10]} are not training examples of this dataset.")
     if not ids:
         raise ValueError("No example ids given.")
     pos = [int(id_to_pos[i]) for i in ids]
@@ -393,19 +399,41 @@ def ablate_examples(run, n_per_group: int = 100, groups: Sequence[str] = ("clean
                     **kwargs) -> pd.DataFrame:
     """:func:`greedy_flip` on ``n_per_group`` random examples of each group of a finished run's final model.
 
-    Settings add the run path and its config, so the numbers can be rerun.
+    Only examples the model fits (predicts with their training label) are drawn: an example it never fit has
+    nothing to flip, and counting it as "0 units" would report a finding that is not there. How many were left
+    out per group is in the settings (``unfit_excluded``) and a warning. Settings add the run path and its config,
+    so the numbers can be rerun.
     """
+    import warnings
+
+    from ..train import evaluate
+    from ..validate import ConfigError, number
+
+    number("n_per_group", n_per_group, lo=1, integer=True)
+    if isinstance(groups, str) or not groups or any(g not in ("clean", "noisy") for g in groups):
+        raise ConfigError("The 'groups' parameter must list 'clean' and/or 'noisy' (greedy ablation flips training "
+                          f"examples). Got {groups!r} instead.")
     model = run.model()
     data = run.data()
+    fit = evaluate(model, data.train, progress=False)
+    fit_ids = set(fit.example_id[fit.correct].tolist())
     rng = np.random.default_rng(seed)
-    ids = []
+    ids, excluded = [], {}
     for g in groups:
         pool = data.example_id.numpy()[data.group == g]
-        if g == "test":
-            raise ValueError("Greedy ablation flips training examples; groups must be 'clean' and/or 'noisy'.")
-        ids += sorted(rng.choice(pool, size=min(n_per_group, len(pool)), replace=False).tolist())
+        keep = np.array([i for i in pool if int(i) in fit_ids], dtype=np.int64)
+        excluded[g] = int(len(pool) - len(keep))
+        if len(keep):
+            ids += sorted(rng.choice(keep, size=min(n_per_group, len(keep)), replace=False).tolist())
+    if any(excluded.values()):
+        warnings.warn(f"Greedy ablation left out examples the model does not fit (nothing to flip): "
+                      f"{', '.join(f'{n} {g}' for g, n in excluded.items() if n)}.", stacklevel=2)
+    if not ids:
+        raise ValueError(f"The model of {run.path} fits none of the {'/'.join(groups)} examples, so there is nothing "
+                         "to flip; train it longer (e.g. until it fits its flipped labels).")
     df = greedy_flip(model, data, ids, seed=seed, **kwargs)
-    return make_result(df, run=str(run.path), n_per_group=n_per_group, config=run.config.to_dict())
+    return make_result(df, run=str(run.path), n_per_group=n_per_group, unfit_excluded=excluded,
+                       config=run.config.to_dict())
 
 
 def summarize_flips(df: pd.DataFrame) -> dict:

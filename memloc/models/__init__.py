@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "CNN1d", "CNN2d", "ResNet9", "MODELS", "build_model", "layer_names"]
+__all__ = ["MLP", "CNN1d", "CNN2d", "ResNet9", "MODELS", "build_model", "check_model_kwargs", "layer_names"]
 
 
 class LinearBlock(nn.Module):
@@ -197,6 +197,24 @@ class ResNet9(_Sequential):
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn1d": CNN1d, "cnn2d": CNN2d, "resnet9": ResNet9}
 
 
+def check_model_kwargs(name: str, kwargs: Any, what: str = "model_kwargs") -> None:
+    """Refuse keyword arguments of the registered model ``name`` that it does not take, or whose values cannot
+    build it (``hidden`` / ``channels``: lists of ints >= 1; ``width`` > 0; ``batch_norm`` a bool)."""
+    from ..validate import ConfigError, call_keywords, number, positive_ints
+
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"The {what!r} parameter must be a dict of keyword arguments. Got {kwargs!r} instead.")
+    call_keywords(what, MODELS[name], kwargs, skip=("input_shape", "num_classes"), what=f"model {name!r}")
+    for key in ("hidden", "channels"):
+        if key in kwargs:
+            positive_ints(f"{what}.{key}", kwargs[key], allow_empty=key == "hidden")
+    if "width" in kwargs:
+        number(f"{what}.width", kwargs["width"], lo=0, lo_open=True)
+    if "batch_norm" in kwargs and not isinstance(kwargs["batch_norm"], bool):
+        raise ConfigError(f"The '{what}.batch_norm' parameter must be true or false. Got {kwargs['batch_norm']!r} "
+                          "instead.")
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None,
                 **kwargs: Any) -> nn.Module:
     """Build a registered model (``mlp``, ``cnn1d``, ``cnn2d``, ``resnet9``).
@@ -207,6 +225,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; valid models are {sorted(MODELS)} (or pass any nn.Module).")
+    check_model_kwargs(name, kwargs)
     if seed is None:
         return MODELS[name](tuple(input_shape), int(num_classes), **kwargs)
     with torch.random.fork_rng(devices=[]):
