@@ -625,8 +625,7 @@ def train(config: TrainConfig | dict | None = None, out: str | Path | None = Non
     else:
         _claim_folder(out, overwrite)
         _write_run_start(out, info, data, cfg.dataset == "custom")
-    ckdir, dyndir = out / "checkpoints", out / "dynamics"
-    dyndir.mkdir(exist_ok=True)
+    ckdir, dyndir = out / "checkpoints", out / "dynamics"  # parts are written with their folder (atomic_path)
     examples = data.examples()
 
     train_data = data.train
