@@ -37,6 +37,13 @@ def test_investigate_writes_a_report_and_resumes(tmp_path, capsys):
     assert main(args) == 0  # resumes: finished steps are reused, not recomputed
     assert "ablate: done before" in capsys.readouterr().out
     assert (rep / "ablate.parquet").stat().st_mtime_ns == stamp
+    # another ablation size is recomputed, never the old table reused; other training settings are refused
+    assert main([*args[:-4], "--ablate-per-group", "4", "--out", str(rep)]) == 0
+    assert "ablate: made with other settings (n_per_group: 8 -> 4), recomputing" in capsys.readouterr().out
+    from memloc.results import load_result
+    assert load_result(rep / "ablate.parquet").attrs["settings"]["n_per_group"] == 4
+    assert main([*args, "--lr", "0.01"]) == 2
+    assert "train.lr: 0.003 -> 0.01" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,msg", [(["--dataset", "imagenet"], "'dataset' parameter must be one of"),

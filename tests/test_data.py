@@ -145,7 +145,10 @@ def test_cifar_refuses_arbitrary_pickles(tmp_path):
 
     with open(folder / "data_batch_3", "wb") as fh:
         pickle.dump({b"data": Evil(), b"labels": []}, fh)
-    with pytest.raises(pickle.UnpicklingError, match="Refusing to load builtins.print"):
+    from memloc.validate import InputFileError
+
+    with pytest.raises(InputFileError, match="data_batch_3 is not a CIFAR-10 python batch.*Refusing to load "
+                                             "builtins.print"):
         load_cifar10(tmp_path)
 
 

@@ -60,3 +60,26 @@ def test_process_pool_and_local_ray_give_the_same_table(tmp_path):
     ref = _table(tmp_path / "seq")
     pd.testing.assert_frame_equal(_table(tmp_path / "pool"), ref)
     pd.testing.assert_frame_equal(_table(tmp_path / "ray"), ref)
+
+
+def test_a_changed_spec_is_refused_or_recomputed_never_reused(tmp_path):
+    from memloc.validate import OutputExistsError
+
+    spec = {"name": "c", "grid": {"dataset": ["digits"], "method": ["summary", "rewind"]},
+            "train": {"epochs": 2, "stop_at_train_acc": 0, "model_kwargs": {"hidden": [16]}},
+            "methods": {"rewind": {"epochs": [0, 1]}}}
+    out = tmp_path / "s"
+    run_sweep(spec, out, progress=False)
+    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.parquet")}
+    changed = {**spec, "methods": {"rewind": {"epochs": [0]}}}
+    with pytest.raises(OutputExistsError, match=r"methods.rewind.epochs: \[0, 1\] -> \[0\]"):
+        run_sweep(changed, out, progress=False)
+    with pytest.raises(OutputExistsError, match="train.epochs: 2 -> 3"):
+        run_sweep({**spec, "train": {**spec["train"], "epochs": 3}}, out, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.parquet")} == cells  # untouched
+    table = run_sweep(changed, out, progress=False, overwrite=True)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.parquet")}
+    summary = next(n for n in cells if n.endswith("-summary.parquet"))
+    rewind = next(n for n in cells if n.endswith("-rewind.parquet"))
+    assert after[summary] == cells[summary] and after[rewind] != cells[rewind]  # only the affected cell recomputed
+    assert sorted(table[(table.method == "rewind") & (table.layer != "none")].epoch.unique()) == [0]
