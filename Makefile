@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/unlearn.py
 	$(PY) benchmarks/device.py
 	$(PY) benchmarks/memorized.py
+	$(PY) benchmarks/lm_testbed.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache

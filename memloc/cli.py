@@ -70,6 +70,30 @@ def _add_common(p: argparse.ArgumentParser, model_factory: bool = True) -> None:
                             "zero-argument callable, e.g. mynets:ResNet")
 
 
+def _own_out(a: argparse.Namespace, kind: str) -> None:
+    """An explicit ``--out`` folder: refused when it exists, is not empty and memloc did not write it (or wrote
+    another kind of output); claimed (``memloc.json``) otherwise, so later runs of the same command may write there."""
+    from .results import read_json, write_json
+    from .validate import RECORD, OutputExistsError
+
+    if not getattr(a, "out", None):
+        return
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file, not a folder; choose a folder.")
+    rec = out / RECORD
+    if rec.exists():
+        old = read_json(rec).get("kind")
+        if old != kind:
+            raise OutputExistsError(f"--out {out} holds memloc {old} output, not {kind} output; choose another folder.")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(f"--out {out} exists, is not empty and was not written by memloc {kind}; refusing to "
+                                "write into it. Choose a new or empty folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"kind": kind, "settings": {}}, rec)
+
+
 def _train_from_args(a: argparse.Namespace):
     import torch
 
@@ -140,6 +164,7 @@ def _locate(a: argparse.Namespace) -> None:
 
     run = _finished_run(a)
     layers = a.layers.split(",") if a.layers else None
+    _own_out(a, "locate")
     out = Path(a.out) if a.out else run.path / "locate"
     progress = not a.quiet
     if a.method == "rewind":
@@ -205,6 +230,7 @@ def _probe(a: argparse.Namespace) -> None:
     number("--max-examples", a.max_examples, lo=20, integer=True)
     run = _finished_run(a)
     other = _finished_run(a, a.against) if a.against else None
+    _own_out(a, "probe")
     out = Path(a.out) if a.out else run.path / "probe"
     kw = dict(max_examples=a.max_examples, seed=a.seed)
     progress = not a.quiet
@@ -295,6 +321,7 @@ def _scores(a: argparse.Namespace) -> None:
     if not (run.path / "dynamics.parquet").exists():
         raise InputFileError(f"{run.path} has no dynamics.parquet (per-example training dynamics), which every score "
                              "family starts from; retrain the run with memloc train (or record it with Recorder).")
+    _own_out(a, "scores")
     out = Path(a.out) if a.out else run.path / "scores"
     progress = not a.quiet
     c = run.config
@@ -363,8 +390,13 @@ def _scores(a: argparse.Namespace) -> None:
               + (f" ({es['fit_own_subset_noisy']:.1%} of the flipped examples in them)"
                  if es.get("fit_own_subset_noisy") is not None else ""))
     if mi is not None:
-        print("membership inference, TPR at 1% FPR (mean over 8 target models, the rest as shadows):\n"
-              f"{mi.pivot(index='attack', columns='group', values='tpr_at_1%_fpr').round(3)}")
+        low = mi.groupby("group").lowest_fpr.max()
+        print("membership inference, TPR at 1% FPR (tensorflow/privacy's rule: the last ROC point with FPR < 1%; mean "
+              "over 8 target models, the rest as shadows):\n"
+              f"{mi.pivot(index='attack', columns='group', values='tpr_at_1%_fpr').round(3)}\n"
+              "lowest reachable FPR (1 / non-members) per group: " + ", ".join(
+                  f"{g} {v:.2%}" + (" (above 1%: that column is the TPR at zero false positives)" if v >= 0.01
+                                    else "") for g, v in low.items()))
     print(f"wrote {out}/ (scores, auroc, agreement .parquet; histograms.png, gallery.png)")
 
 
@@ -377,9 +409,28 @@ def _lm(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.action == "train":
-        run = train_lm(make_fact_world(a.subjects, seed=a.seed), a.out, n_layers=a.layers, d_model=a.d_model,
-                       seed=a.seed, progress=not a.quiet)
+        from .validate import number
+
+        number("--layers", a.layers, lo=1, integer=True) if a.layers is not None else None
+        number("--d-model", a.d_model, lo=1, integer=True)
+        if a.kind == "word":
+            number("--subjects", a.subjects, lo=2, integer=True)
+            run = train_lm(make_fact_world(a.subjects, seed=a.seed), a.out, n_layers=a.layers or 4,
+                           d_model=a.d_model, seed=a.seed, progress=not a.quiet, overwrite=a.overwrite)
+        else:
+            from .data.bios import make_bio_world
+            from .models.gpt2 import GPT2_DEFAULTS, train_gpt2
+
+            number("--people", a.people, lo=2, integer=True)
+            kw = {"n_layers": a.layers or GPT2_DEFAULTS["n_layers"], "d_model": a.d_model, "seed": a.seed}
+            if a.train_steps is not None:
+                number("--train-steps", a.train_steps, lo=1, integer=True)
+                kw.update(steps=a.train_steps, warmup=min(GPT2_DEFAULTS["warmup"], a.train_steps // 10))
+            run = train_gpt2(make_bio_world(a.people, seed=a.seed), a.out, progress=not a.quiet,
+                             overwrite=a.overwrite, **kw)
         print(json.dumps({k: v for k, v in run.summary.items() if k != "model"}, indent=1))
+        print(f"wrote {run.path}/" + (" (a Hugging Face folder: LM.from_pretrained or "
+                                      "AutoModelForCausalLM.from_pretrained open it)" if a.kind == "gpt2" else ""))
         return
     if a.action == "memorized":
         return _memorized(a)
@@ -435,6 +486,7 @@ def _unlearn(a: argparse.Namespace) -> None:
                               f"(e.g. 3,17,42) for a classifier run. Got {a.forget!r} instead.")
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
     params = _method_params(a.param, METHODS)
+    _own_out(a, "unlearn")
     table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet)
     s = table.attrs["settings"]
     c = run.config
@@ -479,6 +531,7 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     run = LMRun(a.run)
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
+    _own_out(a, "unlearn")
     table = compare_lm_unlearning(run, a.forget or "canaries", methods, out=a.out, seed=a.seed,
                                   params=_method_params(a.param, LM_METHODS), progress=not a.quiet)
     s = table.attrs["settings"]
@@ -577,27 +630,43 @@ def _edit(a: argparse.Namespace) -> None:
     from .edit.rome import EditConfig, key_second_moment, rome
     from .models.transformer import LMRun
 
-    from .validate import int_list, number
+    from .validate import ConfigError, int_list, number
 
     number("--v-steps", a.v_steps, lo=1, integer=True)
     number("--clamp", a.clamp, lo=0, lo_open=True)
     number("--n", a.n, lo=1, integer=True)
-    number("--layer", a.layer, lo=0, integer=True)
+    number("--layer", a.layer, lo=0, integer=True, none_ok=True)
     number("--limit", a.limit, lo=1, integer=True, none_ok=True)
-    int_list("--memit-layers", a.memit_layers, lo=0)
+    if a.memit_layers is not None:
+        int_list("--memit-layers", a.memit_layers, lo=0)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.model or a.requests:
+        a.layer = 0 if a.layer is None else a.layer
+        a.memit_layers = "0" if a.memit_layers is None else a.memit_layers
         return _edit_requests(a)
     if a.run is None:
         raise ValueError("memloc edit needs a language-model run (memloc edit RUN ...) or --model DIR --requests FILE.")
     run = LMRun(a.run)
     lm, world = run.lm(device=a.device), run.world
+    memit_config = None  # the word testbed's TESTBED_MEMIT
+    if run.kind == "gpt2":
+        from .models.gpt2 import EDIT_LAYERS, GPT2_MEMIT
+        memit_config = EditConfig.memit(**GPT2_MEMIT)
+        a.layer = EDIT_LAYERS["rome"] if a.layer is None else a.layer
+        a.memit_layers = ",".join(map(str, EDIT_LAYERS["memit"])) if a.memit_layers is None else a.memit_layers
+    a.layer = 0 if a.layer is None else a.layer
+    a.memit_layers = "0" if a.memit_layers is None else a.memit_layers
+    _check_layers = [a.layer] + int_list("--memit-layers", a.memit_layers, lo=0)
+    if max(_check_layers) >= lm.cfg.n_layers:
+        raise ConfigError(f"The '--layer' / '--memit-layers' parameters must be layers of the model, 0 to "
+                          f"{lm.cfg.n_layers - 1}. Got {_check_layers} instead.")
     if a.subject is None:
+        _own_out(a, "edit")
         out = Path(a.out or run.path / "edit")
         table = compare_editors(lm, world, out, n=a.n, layer=a.layer,
                                 memit_layers=[int(x) for x in a.memit_layers.split(",")], seed=a.seed,
-                                progress=not a.quiet)
+                                memit_config=memit_config, progress=not a.quiet)
         st = table.attrs["settings"]
         print(f"edits on {run.path}: {st['n']} requests (seed {st['seed']}, distinct subjects), ROME at layer "
               f"{st['layer']} (v: {st['rome_config']['v_steps']} Adam steps, lr {st['rome_config']['v_lr']}, "
@@ -664,11 +733,19 @@ def _edit(a: argparse.Namespace) -> None:
         if dest.exists() and any(dest.iterdir()):
             raise FileExistsError(f"{dest} exists and is not empty; choose another --save folder.")
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "world.json", "tokenizer.json"):
-            shutil.copy(run.path / name, dest / name)
         undo = edit.apply(lm.model)
-        _save_model(lm.model, dest / "model.safetensors")
-        undo()
+        try:
+            if run.kind == "gpt2":  # a Hugging Face folder again: the edited model, its tokenizer, memloc's files
+                lm.hf_model.save_pretrained(str(dest), safe_serialization=True)
+                lm.tokenizer.save_pretrained(str(dest))
+                for name in ("testbed.json", "world.json"):
+                    shutil.copy(run.path / name, dest / name)
+            else:
+                for name in ("config.json", "world.json", "tokenizer.json"):
+                    shutil.copy(run.path / name, dest / name)
+                _save_model(lm.model, dest / "model.safetensors")
+        finally:
+            undo()
         from .results import write_json
         write_json({**(run.summary or {}), "edit": {k: v for k, v in edit.info.items()}}, dest / "summary.json")
         print(f"wrote the edited model to {dest}/ (open it with memloc.models.transformer.LMRun)")
@@ -676,6 +753,11 @@ def _edit(a: argparse.Namespace) -> None:
 
 def _edit_requests(a: argparse.Namespace) -> None:
     """`memloc edit --model DIR --requests FILE`: edit a user's model with CounterFact / zsRE records."""
+    from .validate import OutputExistsError
+
+    if a.out and Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+        raise OutputExistsError(f"--out {a.out} exists and is not an empty folder; choose a new --out folder (checked "
+                                "before any edit is computed).")
     import pandas as pd
 
     from .data.records import load_requests, load_texts
@@ -714,8 +796,6 @@ def _edit_requests(a: argparse.Namespace) -> None:
         print(bad[["case_id", "subject", "new", "flag", "nll_after"]].to_string(index=False))
     if a.out:
         out = Path(a.out)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not empty; choose another --out folder.")
         save_result(per, out / "records.parquet")
         save_result(table, out / "summary.parquet")
         print(f"wrote {out}/records.parquet and summary.parquet")
@@ -819,9 +899,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", dest="out_table", default=None, help="memorized: write the table to this .parquet")
     p.add_argument("--prepend-bos", default="auto", choices=["auto", "yes", "no"],
                    help="BOS before every text: auto = the tokenizer's convention (GPT-2: no)")
-    p.add_argument("--subjects", type=int, default=120)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--kind", default="gpt2", choices=["gpt2", "word"],
+                   help="train: gpt2 (default: a Hugging Face GPT-2 with a BPE tokenizer trained here on permuted "
+                        "biographies, memloc.models.gpt2) | word (the fast word-level TransformerLens testbed)")
+    p.add_argument("--people", type=int, default=200, help="train --kind gpt2: people in the biography world")
+    p.add_argument("--subjects", type=int, default=120, help="train --kind word: subjects of the fact world")
+    p.add_argument("--layers", type=int, default=None, help="train: blocks (gpt2 6, word 4)")
+    p.add_argument("--d-model", type=int, default=128, help="train: width (%(default)s)")
+    p.add_argument("--train-steps", type=int, default=None, help="train --kind gpt2: optimiser steps (400)")
+    p.add_argument("--overwrite", action="store_true", help="train: retrain a run of other settings in --out")
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
     p.add_argument("--facts", type=int, default=90, help="trace / neurons: facts analysed (%(default)s)")
     p.add_argument("--steps", type=int, default=20, help="neurons: integrated-gradient steps (%(default)s)")
@@ -863,8 +949,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-steps", type=int, default=20, help="single edit: value optimisation steps (%(default)s)")
     p.add_argument("--clamp", type=float, default=4.0, help="single edit: |delta| <= CLAMP x |h| (%(default)s)")
     p.add_argument("--n", type=int, default=100, help="benchmark: number of requests (%(default)s)")
-    p.add_argument("--layer", type=int, default=0, help="ROME layer (%(default)s)")
-    p.add_argument("--memit-layers", default="0", help="benchmark: MEMIT layers, comma-separated (%(default)s)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="ROME layer (default: the testbed's, memloc.models.gpt2.EDIT_LAYERS; 0 for the word testbed "
+                        "and with --requests)")
+    p.add_argument("--memit-layers", default=None,
+                   help="benchmark: MEMIT layers, comma-separated (default: the testbed's; 0 for the word testbed)")
     p.add_argument("--out", default=None, help="benchmark folder (default RUN/edit); with --requests: a new folder "
                                                "for records.parquet and summary.parquet")
     _add_common(p, model_factory=False)

@@ -236,49 +236,84 @@ td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;ov
 """
 
 
-LM_DEFAULTS = {"n_subjects": 120, "seed": 0, "trace_facts": 30, "kn_facts": 30, "edits": 50}
+LM_DEFAULTS = {"kind": "gpt2", "n_people": 200, "n_subjects": 120, "seed": 0, "trace_facts": 30, "kn_facts": 30,
+               "edits": 50, "hase_facts": 20}
+"""``investigate --preset lm``: the GPT-2 testbed (``kind="word"``: the word-level one) and how much of it to analyse."""
 
 
-def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, edits: int | None = None,
-                   progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """The language-model investigation (``memloc investigate --preset lm``): train the fact-world testbed, measure
+def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, seed: int | None = None,
+                   edits: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """The language-model investigation (``memloc investigate --preset lm``): train the testbed (the GPT-2 with a
+    BPE tokenizer on biographies, :mod:`memloc.models.gpt2`; ``kind="word"``: the word-level fact world), measure
     fact recall and canary exposure, trace facts (residual stream, MLP, attention), find knowledge neurons and
-    suppress/amplify them, benchmark ROME / MEMIT edits, and compare unlearning methods on the canaries (with an
-    oracle retrained without them); one folder with ``index.html``. Resumable like :func:`investigate`."""
+    suppress/amplify them, benchmark ROME / MEMIT edits, compare the layer where tracing peaks with the layer where
+    ROME works best for each fact (Hase et al. 2023), and compare unlearning methods on the canaries (with an oracle
+    retrained without them); one folder with ``index.html``. Resumable like :func:`investigate`."""
     from .analyses import plots
     from .analyses.lm import canary_extraction, exposure
-    from .data.facts import make_fact_world
-    from .edit.evaluate import compare_editors
+    from .edit.evaluate import TESTBED_MEMIT, compare_editors, make_requests, rome_by_layer, trace_vs_edit
+    from .edit.rome import EditConfig
     from .locate.knowledge import intervene_knowledge_neurons, knowledge_neurons
     from .locate.trace import trace_facts
-    from .models.transformer import train_lm
 
     o = dict(LM_DEFAULTS)
-    o.update({k: v for k, v in dict(seed=seed, edits=edits).items() if v is not None})
+    o.update({k: v for k, v in dict(kind=kind, seed=seed, edits=edits).items() if v is not None})
+    if o["kind"] not in ("gpt2", "word"):
+        from .validate import ConfigError
+        raise ConfigError(f"The 'kind' parameter must be 'gpt2' or 'word'. Got {o['kind']!r} instead.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"language-model investigation: fact world ({o['n_subjects']} subjects, seed {o['seed']}) -> {out}/")
-    run = train_lm(make_fact_world(o["n_subjects"], seed=o["seed"]), out / "run", seed=o["seed"], progress=progress)
+    if o["kind"] == "gpt2":
+        from .data.bios import make_bio_world
+        from .models.gpt2 import EDIT_LAYERS, train_gpt2
+
+        log(f"language-model investigation: GPT-2 testbed on a biography world ({o['n_people']} people, seed "
+            f"{o['seed']}) -> {out}/")
+        run = train_gpt2(make_bio_world(o["n_people"], seed=o["seed"]), out / "run", seed=o["seed"],
+                         progress=progress)
+        s = run.summary
+        log(f"trained {s['steps']} steps in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training "
+            f"templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
+        rome_layer, memit_layers = EDIT_LAYERS["rome"], EDIT_LAYERS["memit"]
+        memit_config = EditConfig.memit()
+    else:
+        from .data.facts import make_fact_world
+        from .models.transformer import train_lm
+
+        log(f"language-model investigation: word-level fact world ({o['n_subjects']} subjects, seed {o['seed']}) "
+            f"-> {out}/")
+        run = train_lm(make_fact_world(o["n_subjects"], seed=o["seed"]), out / "run", seed=o["seed"],
+                       progress=progress)
+        s = run.summary
+        log(f"trained {s['epochs']} epochs in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} "
+            f"(training templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
+        rome_layer, memit_layers, memit_config = 0, [0], EditConfig.memit(**TESTBED_MEMIT)
     lm, world = run.lm(), run.world
-    s = run.summary
-    log(f"trained {s['epochs']} epochs in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training "
-        f"templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
 
     def metrics():
         ex = exposure(lm, world).merge(canary_extraction(lm, world)[["name", "extracted"]], on="name")
         return ex
     ex = _step(out, "exposure", metrics, log)
-    traces = {kind: _step(out, f"trace_{kind}", lambda kind=kind: trace_facts(
-        lm, world, kind, window=1 if kind == "resid" else 2, seed=o["seed"], limit=o["trace_facts"],
-        progress=progress), log) for kind in ("resid", "mlp", "attn")}
+    windows = {"resid": 1, "mlp": 1 if o["kind"] == "gpt2" else 2, "attn": 1 if o["kind"] == "gpt2" else 2}
+    traces = {k: _step(out, f"trace_{k}", lambda k=k: trace_facts(
+        lm, world, k, window=windows[k], seed=o["seed"], limit=o["trace_facts"], progress=progress), log,
+        inputs={"window": windows[k], "limit": o["trace_facts"]}) for k in ("resid", "mlp", "attn")}
     kn = _step(out, "knowledge_neurons", lambda: knowledge_neurons(lm, world, limit=o["kn_facts"], progress=progress),
                log)
     effects = {(name, split): _step(out, f"knowledge_{name}_{split}", lambda f=factor, sp=split:
                                     intervene_knowledge_neurons(lm, world, kn, f, split=sp, seed=o["seed"]), log)
                for name, factor in (("suppress", 0.0), ("amplify", 2.0)) for split in ("train", "heldout")}
     t0 = time.perf_counter()
-    edits_table = compare_editors(lm, world, out / "edit", n=o["edits"], seed=o["seed"], progress=progress)
+    edits_table = compare_editors(lm, world, out / "edit", n=o["edits"], layer=rome_layer, memit_layers=memit_layers,
+                                  memit_config=memit_config, seed=o["seed"], progress=progress)
     log(f"edits: {time.perf_counter() - t0:.1f} s")
+    hase_recs = make_requests(world, o["hase_facts"], o["seed"])
+    by_layer = _step(out, "rome_by_layer", lambda: rome_by_layer(lm, hase_recs, C="data", texts=world.training_text(),
+                                                                 progress=progress), log,
+                     inputs={"n": o["hase_facts"], "seed": o["seed"]})
+    hase = _step(out, "trace_vs_edit", lambda: trace_vs_edit(lm, hase_recs, by_layer, "mlp", 1, seed=o["seed"],
+                                                             progress=progress)[0], log,
+                 inputs={"n": o["hase_facts"], "seed": o["seed"]})
     from .edit.unlearn_lm import compare_lm_unlearning, plot_lm_tradeoff
 
     t0 = time.perf_counter()
@@ -288,11 +323,15 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     figs = {f"trace_{k}.png": (lambda df=df: plots.plot_trace(df)) for k, df in traces.items()}
     figs["knowledge_neurons.png"] = lambda: plots.plot_knowledge_neurons(kn, effects)
     figs["edits.png"] = lambda: plots.plot_edits(edits_table)
+    figs["trace_vs_edit.png"] = lambda: plots.plot_trace_vs_edit(hase, by_layer)
     figs["unlearning.png"] = lambda: plot_lm_tradeoff(unlearn_table)
-    findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table)
+    findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table, hase)
     sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
-                ("Causal tracing: MLP outputs", "trace_mlp.png", "Windows of 2 layers."),
-                ("Causal tracing: attention outputs", "trace_attn.png", "Windows of 2 layers."),
+                ("Causal tracing: MLP outputs", "trace_mlp.png", f"Windows of {windows['mlp']} layer(s)."),
+                ("Causal tracing: attention outputs", "trace_attn.png", f"Windows of {windows['attn']} layer(s)."),
+                ("Does localization inform editing? (Hase et al. 2023)", "trace_vs_edit.png",
+                 "Per edited fact: tracing's MLP effect at the last subject token (window 1) against ROME's success "
+                 "(rewrite + paraphrase margin) at the same layer; per-layer means."),
                 ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
                 ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
                 ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
@@ -302,13 +341,14 @@ def investigate_lm(out: str | Path = "reports/lm", *, seed: int | None = None, e
     return _write_report(
         out, figs, findings, log, title="memloc language-model investigation",
         heading="Where does a tiny transformer keep facts and secrets?", tables=tables, sections=sections,
-        settings=run.config,
+        settings={**run.config, "investigation": o},
         footer="Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: "
                "<code>run/</code>.")
 
 
-def _lm_findings(s, ex, traces, kn, effects, edits, unlearn) -> list[str]:
-    f = [f"The {s['model']['n_layers']}-layer testbed recalls {s['fact_recall_train_templates']:.0%} of the facts on "
+def _lm_findings(s, ex, traces, kn, effects, edits, unlearn, hase=None) -> list[str]:
+    n_layers = s["n_layers"] if "n_layers" in s else s["model"]["n_layers"]
+    f = [f"The {n_layers}-layer testbed recalls {s['fact_recall_train_templates']:.0%} of the facts on "
          f"training templates and {s['fact_recall_heldout_templates']:.0%} on held-out paraphrases."]
     g = ex.groupby("repeats").agg(extracted=("extracted", "mean"), exposure=("exposure", "mean"),
                                   max_exposure=("max_exposure", "first"))
@@ -346,6 +386,15 @@ def _lm_findings(s, ex, traces, kn, effects, edits, unlearn) -> list[str]:
         m, q = e.loc[memit[0]], e.loc[seq[0]]
         f.append(f"{int(m.n)} edits at once: MEMIT keeps {m.unedited_acc:.0f}% of unedited subjects' facts "
                  f"(efficacy {m.es:.0f}%), sequential ROME {q.unedited_acc:.0f}% (efficacy {q.es:.0f}%).")
+    if hase is not None:
+        h = hase.attrs["settings"]
+        fmt = lambda d: ", ".join(f"layer {k}: {v}" for k, v in d.items())
+        f.append(f"Does localization inform editing (Hase et al.; {h['n_facts']} facts, MLP tracing window "
+                 f"{h['window']}, ROME at every layer)? Tracing's effect at the last subject token peaks at "
+                 f"{fmt(h['trace_peak_counts'])}; ROME works best (rewrite + paraphrase margin) at "
+                 f"{fmt(h['best_edit_counts'])}; the two layers agree for {h['agree']:.0%} of facts. Correlation of "
+                 f"tracing effect with edit success over (fact, layer) pairs: Pearson {h['pearson_all']:.2f} "
+                 f"(Spearman {h['spearman_all']:.2f}; within facts {h['pearson_within_fact']:.2f}).")
     u = unlearn.set_index("method")
     row = lambda m: (f"{m}: extraction {u.loc[m, 'forget_exact']:.0%}, exposure {u.loc[m, 'forget_exposure']:.1f} "
                      f"bits, fact recall {u.loc[m, 'recall_train']:.0%}")

@@ -185,3 +185,14 @@ def claim_output(out: str | Path, kind: str, settings: dict, overwrite: bool = F
     if diff or not record.exists():
         write_json(new, record)
     return diff
+
+
+def mark_output(out: str | Path, kind: str) -> None:
+    """Record in ``out/memloc.json`` that memloc's ``kind`` writes into ``out`` (created if needed), unless a record
+    is there already: the command line then accepts the folder as memloc's own."""
+    from .results import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RECORD).exists():
+        write_json({"kind": kind, "settings": {}}, out / RECORD)

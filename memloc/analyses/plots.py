@@ -426,3 +426,35 @@ def plot_knowledge_neurons(neurons: pd.DataFrame, effects: dict):
     fig.suptitle(f"Knowledge neurons: {st.get('n_facts', '?')} facts, IG {st.get('steps', '?')} steps, threshold "
                  f"{st.get('threshold', '?')} x max, share >= {st.get('share', '?')}", fontsize=10)
     return fig
+
+
+def plot_trace_vs_edit(per_layer: pd.DataFrame, by_layer: pd.DataFrame | None = None):
+    """Hase et al.'s question, from :func:`memloc.edit.evaluate.trace_vs_edit`: left, each (fact, layer)'s tracing
+    effect against ROME's success there (rewrite + paraphrase margin), coloured by layer; right, per layer, the mean
+    tracing effect (left axis) and ROME's efficacy and paraphrase success (right axis, percent; ``by_layer``:
+    :func:`memloc.edit.evaluate.rome_by_layer`)."""
+    import matplotlib.pyplot as plt
+
+    st = per_layer.attrs.get("settings", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    sc = axes[0].scatter(per_layer.trace_ie, per_layer.edit_score, c=per_layer.layer, cmap="viridis", s=18)
+    fig.colorbar(sc, ax=axes[0], label="layer")
+    axes[0].set(xlabel="tracing: MLP indirect effect at the last subject token",
+                ylabel="ROME at that layer: (rewrite + paraphrase margin) / 2",
+                title=f"r = {st.get('pearson_all', float('nan')):.2f} over (fact, layer); within facts "
+                      f"{st.get('pearson_within_fact', float('nan')):.2f}")
+    m = per_layer.groupby("layer")[["trace_ie"]].mean()
+    axes[1].bar(m.index, m.trace_ie, color="#999", label="tracing effect (mean)")
+    axes[1].set(xlabel="layer", ylabel="mean indirect effect", xticks=list(m.index))
+    if by_layer is not None:
+        tw = axes[1].twinx()
+        g = by_layer.groupby("layer")[["es", "ps", "ns"]].mean() * 100
+        for c, col in (("es", "#d62728"), ("ps", "#1f77b4"), ("ns", "#2ca02c")):
+            tw.plot(g.index, g[c], "o-", color=col, label={"es": "ROME efficacy", "ps": "paraphrase",
+                                                           "ns": "neighbourhood"}[c])
+        tw.set(ylabel="%", ylim=(0, 105))
+        tw.legend(fontsize=8, loc="upper right")
+    axes[1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Does localization inform editing? {st.get('n_facts', '?')} facts; tracing peak = best edit layer "
+                 f"for {st.get('agree', float('nan')):.0%}", fontsize=10)
+    return fig

@@ -122,12 +122,27 @@ class FactWorld:
         ws.update(str(d) for d in range(10))
         return sorted(ws)
 
+    def new_names(self, n: int, rng: np.random.Generator) -> list[str]:
+        """``n`` names made the way the world makes its subjects, none of them in the world (canaries that were
+        never inserted)."""
+        taken, out = set(self.words()), []
+        while len(out) < n:
+            name = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4))))
+            if name not in taken:
+                taken.add(name)
+                out.append(name)
+        return out
+
     def to_json(self) -> dict:
         return {"subjects": self.subjects, "relations": self.relations, "facts": [asdict(f) for f in self.facts],
                 "canaries": [asdict(c) for c in self.canaries], "seed": self.seed, "settings": self.settings}
 
     @classmethod
     def from_json(cls, d: dict) -> "FactWorld":
+        """The world ``to_json`` wrote (a :class:`~memloc.data.bios.BioWorld` when its settings say so)."""
+        if cls is FactWorld and d.get("settings", {}).get("kind") == "bios":
+            from .bios import BioWorld
+            cls = BioWorld
         return cls(subjects=d["subjects"], relations={k: tuple(v) for k, v in d["relations"].items()},
                    facts=[Fact(**f) for f in d["facts"]],
                    canaries=[Canary(c["name"], tuple(c["secret"]), c["repeats"]) for c in d["canaries"]],

@@ -36,6 +36,7 @@ from ..results import make_result
 
 __all__ = ["make_requests", "world_facts_outside", "request_scores", "batch_scores", "summarize",
            "generation_entropy", "ngram_entropy", "single_edits", "many_edits", "compare_editors", "evaluate_requests",
+           "rome_by_layer", "trace_vs_edit",
            "TESTBED_MEMIT", "USUAL"]
 
 USUAL = {"counterfact": ["es", "ps", "ns", "em", "pm", "nm", "S", "fluency", "consistency"],
@@ -362,6 +363,9 @@ def compare_editors(lm, world, out=None, n: int = 100, layer: int = 0, memit_lay
                                                    unedited, progress),
     }
     frames = {}
+    if out:
+        from ..validate import mark_output
+        mark_output(out, "edit")
     for name, job in jobs.items():
         path = Path(out) / f"{name}.parquet" if out else None
         if path is not None and path.exists():
@@ -412,3 +416,79 @@ def evaluate_requests(lm, records, method: str = "rome", layer: int = 0, layers:
     return after, make_result(table, method=method, layer=layer, layers=list(layers or [layer]), formats=formats,
                               usual=usual, covariance="identity" if C is None else "data", n=len(records),
                               **lm.settings)
+
+
+def rome_by_layer(lm, records, layers: Sequence[int] | None = None, C: dict | str | None = "data",
+                  texts: Sequence[str] | None = None, config=None, progress: bool = True) -> pd.DataFrame:
+    """ROME of every record alone at each of ``layers`` (default: all), undone after scoring: the rows of
+    :func:`single_edits` with a ``layer`` column and the edit's ``seconds``. ``C``: ``"data"`` (the keys' second
+    moment over ``texts``, computed once per layer), a ``{layer: C}`` dict, or ``None`` (identity)."""
+    import time
+
+    from .rome import key_second_moment
+
+    lm = _lm(lm)
+    layers = list(range(lm.cfg.n_layers) if layers is None else layers)
+    if isinstance(C, str):
+        if C != "data" or texts is None:
+            raise ValueError("C='data' needs the texts the key statistics are computed on (texts=...).")
+        C = {l: key_second_moment(lm, list(texts), l) for l in layers}
+    frames = []
+    for l in layers:
+        t0 = time.perf_counter()
+        df = single_edits(lm, records, l, (C or {}).get(l), config, progress=progress)
+        df.insert(0, "layer", l)
+        df["seconds"] = (time.perf_counter() - t0) / max(1, len(records))
+        frames.append(df)
+    return make_result(pd.concat(frames, ignore_index=True), method="rome", layers=layers,
+                       covariance="identity" if not C else "data", n=len(records), **lm.settings)
+
+
+def trace_vs_edit(lm, records, edits: pd.DataFrame, kind: str = "mlp", window: int = 1, samples: int = 10,
+                  seed: int = 0, noise: float | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Hase et al. (2023), "Does localization inform editing?": for each edited fact, causal tracing's indirect
+    effect at the last subject token per layer (``kind`` outputs restored, ``window``) next to ROME's success when
+    the edit is made at that layer (``edits``: :func:`rome_by_layer` on the same ``records``).
+
+    Returns ``(per_layer, summary)``: rows ``case_id, layer, trace_ie, es, em, ps, pm, ns, edit_score`` where
+    ``edit_score`` = (em + pm) / 2 (the rewrite and paraphrase margins P(new) - P(true)); ``summary`` has each
+    fact's ``trace_peak`` and ``best_edit`` layer, the share of facts where they agree, the Pearson and Spearman
+    correlation of ``trace_ie`` with ``edit_score`` over all (fact, layer) pairs and within facts (layer means
+    removed), and the correlation of the two per-fact layers. Facts are traced on their true object whether or not
+    the model predicts it (``only_known=False``), so every edited fact has a row."""
+    from scipy import stats
+
+    from ..locate.trace import trace_facts
+
+    lm = _lm(lm)
+    recs = list(records)
+    facts = [{"prompt": r.prompt, "subject": r.subject, "target": r.target_true, "relation": r.case_id}
+             for r in recs]
+    tr = trace_facts(lm, facts, kind, samples, window, seed, only_known=False, progress=progress, noise=noise)
+    last = tr[tr.bucket == "last subject"].groupby(["relation", "layer"]).ie.mean().rename("trace_ie").reset_index()
+    last = last.rename(columns={"relation": "case_id"})
+    e = edits[["case_id", "layer", "es", "em", "ps", "pm", "ns"]].copy()
+    e["edit_score"] = (e.em + e.pm) / 2
+    df = last.merge(e, on=["case_id", "layer"], how="inner")
+    per_fact = df.groupby("case_id").apply(
+        lambda g: pd.Series({"trace_peak": int(g.layer.values[np.argmax(g.trace_ie.values)]),
+                             "best_edit": int(g.layer.values[np.argmax(g.edit_score.values)])}),
+        include_groups=False)
+    centred = df.assign(trace_ie=df.trace_ie - df.groupby("case_id").trace_ie.transform("mean"),
+                        edit_score=df.edit_score - df.groupby("case_id").edit_score.transform("mean"))
+
+    def corr(x, y, f):
+        return float(f(x, y)[0]) if len(x) > 2 and np.std(x) > 0 and np.std(y) > 0 else float("nan")
+
+    summary = {
+        "n_facts": int(len(per_fact)), "kind": kind, "window": window, "samples": samples, "seed": seed,
+        "noise": tr.attrs["settings"]["noise"],
+        "trace_peak_counts": {int(k): int(v) for k, v in per_fact.trace_peak.value_counts().sort_index().items()},
+        "best_edit_counts": {int(k): int(v) for k, v in per_fact.best_edit.value_counts().sort_index().items()},
+        "agree": float((per_fact.trace_peak == per_fact.best_edit).mean()),
+        "pearson_all": corr(df.trace_ie, df.edit_score, stats.pearsonr),
+        "spearman_all": corr(df.trace_ie, df.edit_score, stats.spearmanr),
+        "pearson_within_fact": corr(centred.trace_ie, centred.edit_score, stats.pearsonr),
+        "peak_layer_correlation": corr(per_fact.trace_peak, per_fact.best_edit, stats.pearsonr),
+    }
+    return make_result(df, **summary, **lm.settings), summary

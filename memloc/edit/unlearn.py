@@ -663,6 +663,8 @@ def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequ
     task = ClassifierTask(data, etd=run.etd(), device=run.device)
     split = forget_split(data, forget)
     folder = Path(out or run.path / "unlearn") / split.name
+    from ..validate import mark_output
+    mark_output(folder.parent, "unlearn")
     oracle_run = train_oracle(run, split.forget, folder / "oracle", progress=progress)
     original, oracle = run.model(), oracle_run.model()
     base = {"run": str(run.path), "config": run.config.to_dict(), "forget": split.name,

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.facts import _SYLLABLES, Canary, FactWorld
+from ..data.facts import Canary, FactWorld
 from ..hooks import require_eval
 from ..results import load_result, make_result, read_json, save_result, write_json
 from .unlearn import Split, Task, _generator, _params, _row_frame, forget_quality, mia_auc, unlearn
@@ -207,15 +207,11 @@ class LMSplit(Split):
 
 
 def _holdout_canaries(world: FactWorld, n: int, digits: int) -> list[Canary]:
-    """``n`` canaries generated as :func:`~memloc.data.facts.make_fact_world` does, never inserted."""
+    """``n`` canaries generated the way the world makes its own (:meth:`~memloc.data.facts.FactWorld.new_names`),
+    never inserted."""
     rng = np.random.default_rng([world.seed, 7919])
-    taken, out = set(world.words()), []
-    while len(out) < n:
-        name = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4))))
-        if name not in taken:
-            taken.add(name)
-            out.append(Canary(name, tuple(str(d) for d in rng.integers(0, 10, digits)), 0))
-    return out
+    return [Canary(name, tuple(str(d) for d in rng.integers(0, 10, digits)), 0)
+            for name in world.new_names(n, rng)]
 
 
 def _split_name(kind: str, names: list[str]) -> str:
@@ -279,11 +275,18 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
                 "target": c.secret[0], "choices": " ".join(digits), "continuation": c.secret_text}
 
     texts = world.training_text()
+    by_length = sorted(subjects, key=len, reverse=True)
     for t in texts:
         if t in canary_of:
             rows.append(canary_row("canary", canary_of[t]))
         elif t in fact_of:
             rows.append(fact_row("fact", *fact_of[t]))
+        elif world.settings.get("kind") == "bios":  # a biography: it starts with the person's name
+            who = next((x for x in by_length if t.startswith(x + " ")), None)
+            if who is None:
+                raise ValueError(f"Cannot tell whose biography {t!r} is.")
+            rows.append({"kind": "bio", "subject": who, "relation": None, "prompt": None, "target": None,
+                         "choices": None, "continuation": t[len(who) + 1:]})
         elif t.split()[0] in subject_set:
             rows.append({"kind": "profile", "subject": t.split()[0], "relation": None, "prompt": None,
                          "target": t.split()[1], "choices": None, "continuation": " ".join(t.split()[1:])})
@@ -303,7 +306,7 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
     info = pd.DataFrame(rows)
     train_info = info.iloc[:n_train]
     is_forget = ((train_info.kind == "canary") & train_info.subject.isin([c.name for c in f_canaries])) | (
-        train_info.kind.isin(["fact", "profile"]) & train_info.subject.isin(f_subjects))
+        train_info.kind.isin(["fact", "profile", "bio"]) & train_info.subject.isin(f_subjects))
     forget_ids = np.flatnonzero(is_forget.to_numpy())
     retain_ids = np.flatnonzero(~is_forget.to_numpy())
     if len(retain_ids) == 0:
@@ -311,7 +314,7 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
     all_texts = tuple(texts + holdout_texts)
     seen, members = set(), []
     for i in forget_ids:
-        if train_info.kind.iloc[i] in ("canary", "fact") and all_texts[i] not in seen:
+        if train_info.kind.iloc[i] in ("canary", "fact", "bio") and all_texts[i] not in seen:
             seen.add(all_texts[i])
             members.append(i)
     return LMSplit(forget=forget_ids, retain=retain_ids, holdout=np.arange(n_train, len(all_texts)), name=name,
@@ -364,33 +367,42 @@ class _RetainedWorld(FactWorld):
 def train_lm_oracle(run, split: LMSplit, out: str | Path | None = None, progress: bool = True):
     """Train ``run``'s settings on exactly ``split``'s retain sentences; returns the oracle
     :class:`~memloc.models.transformer.LMRun` (``out`` default ``RUN/unlearn/<split>/oracle``; a finished oracle
-    is reused after checking its ``training_text.json``)."""
-    from ..models.transformer import train_lm
-
+    is reused after checking its ``training_text.json``). A GPT-2 testbed's oracle keeps the run's tokenizer (the
+    same token ids) and every training setting; a word testbed's keeps its vocabulary and stopping rule."""
     out = Path(out or Path(run.path) / "unlearn" / split.name / "oracle")
     world, c = run.world, run.config
     retain_text = [split.texts[i] for i in split.retain]
     text_path = out / "training_text.json"
-    if text_path.exists():
-        if read_json(text_path)["text"] != retain_text:
-            raise RuntimeError(f"The oracle at {out} was trained on other sentences than this split's retain set; "
-                               "remove the folder or choose another out=.")
-    else:
-        write_json({"text": retain_text}, text_path)
+    if text_path.exists() and read_json(text_path)["text"] != retain_text:
+        raise RuntimeError(f"The oracle at {out} was trained on other sentences than this split's retain set; "
+                           "remove the folder or choose another out=.")
     gone = {c_.name for c_ in split.canaries}
-    retained = _RetainedWorld(subjects=[s for s in world.subjects if s not in split.subjects],
-                              relations=world.relations,
-                              facts=[f for f in world.facts if f.subject not in split.subjects],
-                              canaries=[c_ for c_ in world.canaries if c_.name not in gone], seed=world.seed,
-                              settings=dict(world.settings), text=retain_text,
-                              vocab=run.tokenizer.vocab[len(run.tokenizer.SPECIAL):])
-    m = c["model"]
-    oracle = train_lm(retained, out, n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
-                      d_mlp=m["d_mlp"], epochs=c["max_epochs"], lr=c["lr"], weight_decay=c["weight_decay"],
-                      batch_size=c["batch_size"], target_recall=c["target_recall"],
-                      min_epochs=c.get("min_epochs", 0), seed=c["seed"], progress=progress)
-    if oracle.config["model"] != m:
-        raise RuntimeError(f"The oracle's architecture {oracle.config['model']} differs from the run's {m}.")
+    kept = dict(subjects=[s for s in world.subjects if s not in split.subjects], relations=world.relations,
+                facts=[f for f in world.facts if f.subject not in split.subjects],
+                canaries=[c_ for c_ in world.canaries if c_.name not in gone], seed=world.seed,
+                settings=dict(world.settings), text=retain_text)
+    if getattr(run, "kind", "word") == "gpt2":
+        from ..models.gpt2 import GPT2_DEFAULTS, train_gpt2
+
+        retained = _RetainedWorld(**kept, vocab=[])
+        oracle = train_gpt2(retained, out, texts=retain_text, tokenizer_dir=run.path, progress=progress,
+                            **{k: c[k] for k in GPT2_DEFAULTS})
+        if oracle.config["n_layers"] != c["n_layers"] or oracle.config["d_model"] != c["d_model"]:
+            raise RuntimeError(f"The oracle's architecture differs from the run's.")
+    else:
+        from ..models.transformer import train_lm
+
+        retained = _RetainedWorld(**kept, vocab=run.tokenizer.vocab[len(run.tokenizer.SPECIAL):])
+        m = c["model"]
+        oracle = train_lm(retained, out, n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
+                          d_mlp=m["d_mlp"], epochs=c["max_epochs"], lr=c["lr"], weight_decay=c["weight_decay"],
+                          batch_size=c["batch_size"], target_recall=c["target_recall"],
+                          min_epochs=c.get("min_epochs", 0), seed=c["seed"], progress=progress,
+                          allow=("training_text.json",))
+        if oracle.config["model"] != m:
+            raise RuntimeError(f"The oracle's architecture {oracle.config['model']} differs from the run's {m}.")
+    if not text_path.exists():
+        write_json({"text": retain_text}, text_path)
     summary = oracle.summary
     if "unlearn_oracle" not in summary:
         forget_texts = [split.texts[i] for i in split.forget]
@@ -621,13 +633,16 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
     split = lm_forget_split(world, forget, n_holdout)
     task = lm_task(run.lm(), split)
     folder = Path(out or Path(run.path) / "unlearn") / split.name
+    from ..validate import mark_output
+    mark_output(folder.parent, "unlearn")
     oracle_run = train_lm_oracle(run, split, folder / "oracle", progress=progress)
     original, oracle = run.model(), oracle_run.model()
     base = {"run": str(run.path), "config": {k: v for k, v in run.config.items()}, "forget": split.name,
             "forget_canaries": [c.name for c in split.canaries], "forget_subjects": list(split.subjects),
             "n_forget": int(len(split.forget)), "n_members": int(len(split.members)),
             "n_retain": int(len(split.retain)), "n_holdout": int(len(split.holdout)), "n_holdout_asked": n_holdout,
-            "oracle": str(oracle_run.path), "oracle_epochs": oracle_run.summary["epochs"], "seed": seed,
+            "oracle": str(oracle_run.path), "oracle_epochs": oracle_run.summary.get("epochs"),
+            "oracle_steps": oracle_run.summary.get("steps"), "seed": seed,
             "exposure_candidates": exposure_candidates,
             "mia": "loss attack on continuation NLL, distinct forget items vs holdout (" +
                    ("never-inserted canaries" if split.canaries else "") + (" + " if split.canaries and
@@ -645,7 +660,9 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
         return old if same == json.loads(json.dumps({k: settings.get(k) for k in keys})) else None
 
     oracle_losses = task.per_example(oracle, split.members).suffix_loss.to_numpy()
-    oracle_steps = oracle_run.summary["epochs"] * math.ceil(len(split.retain) / run.config["batch_size"])
+    os_ = oracle_run.summary
+    oracle_steps = os_["steps"] if "steps" in os_ else os_["epochs"] * math.ceil(len(split.retain) /
+                                                                                 run.config["batch_size"])
     rows = []
     for name, model, extra in [("original", original, {"changed_entries": 0, "steps": 0, "seconds": 0.0}),
                                ("oracle", oracle, {"changed_entries": np.nan, "steps": oracle_steps,

@@ -116,7 +116,9 @@ class LM:
         arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
         model = TransformerBridge.boot_transformers(getattr(hf.config, "_name_or_path", None) or str(path),
                                                     hf_model=hf.eval(), tokenizer=tok, device=dev, dtype=dtype)
-        return cls(model.eval(), tok, prepend_bos, name=f"{arch} from {path}")
+        lm = cls(model.eval(), tok, prepend_bos, name=f"{arch} from {path}")
+        lm.hf_model = hf  # the Hugging Face model under the bridge (the same parameters): save_pretrained it
+        return lm
 
     # ------------------------------------------------------------------------------------------- properties
 

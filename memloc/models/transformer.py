@@ -57,11 +57,21 @@ class LMRun:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not (self.path / "config.json").exists():
-            raise FileNotFoundError(f"{self.path} is not a memloc language-model run (no config.json).")
-        self.config = read_json(self.path / "config.json")
+        if (self.path / "testbed.json").exists():  # the GPT-2 testbed (memloc.models.gpt2): a Hugging Face folder
+            self.kind = "gpt2"
+            self.config = read_json(self.path / "testbed.json")
+            if not (self.path / "config.json").exists():
+                raise FileNotFoundError(f"{self.path} is an unfinished GPT-2 testbed (no config.json); rerun "
+                                        "`memloc lm train` into it.")
+            import transformers
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        else:
+            if not (self.path / "config.json").exists():
+                raise FileNotFoundError(f"{self.path} is not a memloc language-model run (no config.json).")
+            self.kind = "word"
+            self.config = read_json(self.path / "config.json")
+            self.tokenizer = WordTokenizer.load(self.path / "tokenizer.json")
         self.world = FactWorld.from_json(read_json(self.path / "world.json"))
-        self.tokenizer = WordTokenizer.load(self.path / "tokenizer.json")
 
     @property
     def summary(self) -> dict | None:
@@ -69,6 +79,8 @@ class LMRun:
         return read_json(p) if p.exists() else None
 
     def model(self, device: str | torch.device = "cpu"):
+        if self.kind == "gpt2":
+            return self.lm(device=device).model
         from safetensors.torch import load_file
 
         from ..hooks import resolve_device
@@ -85,6 +97,11 @@ class LMRun:
         the testbed was trained)."""
         from .lm import LM
 
+        if self.kind == "gpt2":
+            c = self.config
+            lm = LM.from_pretrained(self.path, prepend_bos=prepend_bos, device=device)
+            lm.name = f"memloc GPT-2 testbed {self.path} ({c['n_layers']} layers, d_model {c['d_model']})"
+            return lm
         m = self.config["model"]
         return LM(self.model(device), self.tokenizer, prepend_bos,
                   name=f"memloc word testbed {self.path} ({m['n_layers']} layers, d_model {m['d_model']})")
@@ -116,30 +133,53 @@ def _train_epoch(model, opt, tokens: torch.Tensor, lengths: torch.Tensor, batch_
 
 def train_lm(world: FactWorld, out: str | Path, *, n_layers: int = 4, d_model: int = 128, n_heads: int = 4,
              d_mlp: int = 512, epochs: int = 300, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 64,
-             target_recall: float = 1.0, min_epochs: int = 0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> LMRun:
+             target_recall: float = 1.0, min_epochs: int = 0, seed: int = 0, progress: bool = True, overwrite: bool = False,
+             allow: tuple[str, ...] = ()) -> LMRun:
     """Train a tiny transformer on ``world.training_text()`` until it recalls every fact from its training
     prompts (top-1 object, ``target_recall``) and every canary repeated more than once (and at least
     ``min_epochs`` have run), or ``epochs`` run out.
 
-    AdamW, constant learning rate, data order seeded by ``(seed, epoch)``. An existing finished run in ``out`` is
-    returned as is (``overwrite`` retrains).
+    AdamW, constant learning rate, data order seeded by ``(seed, epoch)``. A finished run in ``out`` with the same
+    world and settings is returned as is; one with other settings is refused unless ``overwrite`` (which retrains);
+    a non-empty folder that is not a word-testbed run (files other than ``allow``) is never written into.
     """
     from ..analyses.lm import canary_extraction, fact_recall
     from .lm import LM
 
+    import json
+    import shutil
+
+    from ..validate import ConfigError, OutputExistsError
+
     out = Path(out)
-    if (out / "summary.json").exists() and not overwrite:
-        return LMRun(out)
+    if d_model % n_heads or d_model // n_heads < 2 or n_layers < 1 or d_mlp < 1:
+        raise ConfigError(f"The 'd_model' parameter must be a multiple of n_heads ({n_heads}) with heads at least 2 "
+                          f"wide, and n_layers, d_mlp >= 1. Got d_model {d_model!r}, n_layers {n_layers!r}, d_mlp "
+                          f"{d_mlp!r} instead.")
     tok = WordTokenizer(world.words())
     text = world.training_text()
     tokens, lengths = tok.batch(text)
     n_ctx = max(16, int(lengths.max()))
     cfg = tiny_transformer_config(len(tok), n_layers, d_model, n_heads, d_mlp, n_ctx)
+    settings = {"model": cfg, "seed": seed, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+                "max_epochs": epochs, "min_epochs": min_epochs, "target_recall": target_recall, "n_sentences": len(text)}
+    if out.exists() and any(p.name not in allow for p in out.iterdir()):
+        ours = {"config.json", "world.json", "tokenizer.json"}
+        if not ((out / "config.json").exists() and (out / "world.json").exists()) or (out / "testbed.json").exists():
+            raise OutputExistsError(f"{out} exists and is not a memloc word-testbed run; give a new folder for --out.")
+        same = (read_json(out / "config.json") == json.loads(json.dumps(settings))
+                and read_json(out / "world.json") == json.loads(json.dumps(world.to_json())))
+        if not same and not overwrite:
+            raise OutputExistsError(f"{out} holds a language-model run trained with other settings or another world; "
+                                    "use another folder, or --overwrite to retrain.")
+        if same and (out / "summary.json").exists() and not overwrite:
+            return LMRun(out)
+        for p in out.iterdir():
+            if p.name in ours | {"summary.json", "model.safetensors"} or p.name == "unlearn":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_json(world.to_json(), out / "world.json")
     tok.save(out / "tokenizer.json")
-    settings = {"model": cfg, "seed": seed, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-                "max_epochs": epochs, "min_epochs": min_epochs, "target_recall": target_recall, "n_sentences": len(text)}
     write_json(settings, out / "config.json")
     model = build_tiny_transformer(cfg, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
