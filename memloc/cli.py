@@ -71,27 +71,13 @@ def _add_common(p: argparse.ArgumentParser, model_factory: bool = True) -> None:
 
 
 def _own_out(a: argparse.Namespace, kind: str) -> None:
-    """An explicit ``--out`` folder: refused when it exists, is not empty and memloc did not write it (or wrote
-    another kind of output); claimed (``memloc.json``) otherwise, so later runs of the same command may write there."""
-    from .results import read_json, write_json
-    from .validate import RECORD, OutputExistsError
+    """An explicit ``--out`` folder: refused when it is a file, or exists, is not empty and memloc did not write it
+    (or wrote another kind of output); claimed (``memloc.json``) otherwise, so later runs of the same command may
+    write there (:func:`memloc.validate.claim_output`)."""
+    from .validate import claim_output
 
-    if not getattr(a, "out", None):
-        return
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a folder; choose a folder.")
-    rec = out / RECORD
-    if rec.exists():
-        old = read_json(rec).get("kind")
-        if old != kind:
-            raise OutputExistsError(f"--out {out} holds memloc {old} output, not {kind} output; choose another folder.")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise OutputExistsError(f"--out {out} exists, is not empty and was not written by memloc {kind}; refusing to "
-                                "write into it. Choose a new or empty folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({"kind": kind, "settings": {}}, rec)
+    if getattr(a, "out", None):
+        claim_output(a.out, kind, {}, overwrite_hint=False)
 
 
 def _train_from_args(a: argparse.Namespace):

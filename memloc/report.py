@@ -271,9 +271,6 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
             f"{o['seed']}) -> {out}/")
         run = train_gpt2(make_bio_world(o["n_people"], seed=o["seed"]), out / "run", seed=o["seed"],
                          progress=progress)
-        s = run.summary
-        log(f"trained {s['steps']} steps in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training "
-            f"templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
         rome_layer, memit_layers = EDIT_LAYERS["rome"], EDIT_LAYERS["memit"]
         memit_config = EditConfig.memit()
     else:
@@ -284,10 +281,11 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
             f"-> {out}/")
         run = train_lm(make_fact_world(o["n_subjects"], seed=o["seed"]), out / "run", seed=o["seed"],
                        progress=progress)
-        s = run.summary
-        log(f"trained {s['epochs']} epochs in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} "
-            f"(training templates), {s['fact_recall_heldout_templates']:.3f} (held-out)")
         rome_layer, memit_layers, memit_config = 0, [0], EditConfig.memit(**TESTBED_MEMIT)
+    s = run.summary
+    length = f"{s['steps']} steps" if "steps" in s else f"{s['epochs']} epochs"
+    log(f"trained {length} in {s['seconds']} s: recall {s['fact_recall_train_templates']:.3f} (training templates), "
+        f"{s['fact_recall_heldout_templates']:.3f} (held-out)")
     lm, world = run.lm(), run.world
 
     def metrics():

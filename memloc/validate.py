@@ -152,13 +152,16 @@ def differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, An
 RECORD = "memloc.json"
 
 
-def claim_output(out: str | Path, kind: str, settings: dict, overwrite: bool = False) -> dict[str, tuple]:
+def claim_output(out: str | Path, kind: str, settings: dict, overwrite: bool = False,
+                 overwrite_hint: bool = True) -> dict[str, tuple]:
     """Make ``out`` an output folder of ``kind`` made with ``settings``, recorded in ``out/memloc.json``.
 
     A new or empty folder is claimed. A folder that records the same kind and settings is reused (resumed). A folder
     with other settings is refused with the differing keys unless ``overwrite`` (then the differences are returned
     and the new settings recorded: the caller recomputes what depends on them). A non-empty folder that memloc
     did not write, or of another kind, is refused unless ``overwrite``. Returns the differences (``{}`` if none).
+    ``overwrite_hint=False`` leaves "or pass overwrite=True (--overwrite)" out of the messages (for callers
+    without that option).
     """
     from .results import read_json, write_json
 
@@ -166,6 +169,7 @@ def claim_output(out: str | Path, kind: str, settings: dict, overwrite: bool = F
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder.")
     record = out / RECORD
+    hint = ", or pass overwrite=True (--overwrite)" if overwrite_hint else ""
     new = {"kind": kind, "settings": settings}
     new = json.loads(json.dumps(new, default=str))
     diff: dict[str, tuple] = {}
@@ -178,10 +182,10 @@ def claim_output(out: str | Path, kind: str, settings: dict, overwrite: bool = F
         if diff and not overwrite:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise OutputExistsError(f"{out} holds a {kind} made with other settings ({shown}). Choose another "
-                                    "folder, or pass overwrite=True (--overwrite) to recompute it.")
+                                    f"folder{hint} to recompute it.")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out} exists, is not empty and was not written by memloc's {kind}; refusing to "
-                                "write into it. Choose another folder, or pass overwrite=True (--overwrite).")
+                                f"write into it. Choose another folder{hint}.")
     if diff or not record.exists():
         write_json(new, record)
     return diff

@@ -381,14 +381,14 @@ def train_lm_oracle(run, split: LMSplit, out: str | Path | None = None, progress
                 facts=[f for f in world.facts if f.subject not in split.subjects],
                 canaries=[c_ for c_ in world.canaries if c_.name not in gone], seed=world.seed,
                 settings=dict(world.settings), text=retain_text)
-    if getattr(run, "kind", "word") == "gpt2":
+    if run.kind == "gpt2":
         from ..models.gpt2 import GPT2_DEFAULTS, train_gpt2
 
         retained = _RetainedWorld(**kept, vocab=[])
         oracle = train_gpt2(retained, out, texts=retain_text, tokenizer_dir=run.path, progress=progress,
                             **{k: c[k] for k in GPT2_DEFAULTS})
         if oracle.config["n_layers"] != c["n_layers"] or oracle.config["d_model"] != c["d_model"]:
-            raise RuntimeError(f"The oracle's architecture differs from the run's.")
+            raise RuntimeError("The oracle's architecture differs from the run's.")
     else:
         from ..models.transformer import train_lm
 

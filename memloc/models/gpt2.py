@@ -160,14 +160,12 @@ def train_gpt2(world, out: str | Path, *, texts: Sequence[str] | None = None, to
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
-    if hasattr(world, "to_json"):
-        write_json(world.to_json(), out / "world.json")
+    write_json(world.to_json(), out / "world.json")
     run = LMRun(out)
-    summary = {**read_json(out / "testbed.json"), "seconds": round(seconds, 1), "final_loss": float(loss.item()),
+    summary = {**run.config, "seconds": round(seconds, 1), "final_loss": float(loss.item()),
                "threads": torch.get_num_threads(), "n_params": int(sum(p.numel() for p in model.parameters())),
                "n_ctx": n_ctx, "vocab_used": len(tok)}
-    if hasattr(world, "facts"):
-        summary.update(testbed_metrics(run.lm(), world))
+    summary.update(testbed_metrics(run.lm(), world))
     write_json(summary, out / "summary.json")
     return run
 
