@@ -43,6 +43,12 @@ DESIGNS = {
                                     "an attribute right after the name should make the model look it up at the name"),
     "bios200_6x128_400": ({"n_people": 200}, {"steps": 400},
                           "the default: fewer people, 400 steps, to train within 3 minutes on 2 cores"),
+    "bios200_6x128_split_400": ({"n_people": 200}, {"steps": 400, "split_names": True},
+                                "names split into sub-word pieces (the tokenizer trained with other made-up names in "
+                                "their place: 5.8 tokens per full name, as GPT-2 splits names it never saw), so the "
+                                "early layers must assemble the subject before a fact can be looked up"),
+    "bios200_6x128_split_300": ({"n_people": 200}, {"steps": 300, "split_names": True},
+                                "split names, 300 steps: within 3 minutes on 2 cores?"),
     "bios200_6x128_profiles2_450_untied": ({"n_people": 200, "profiles": 2}, {"steps": 450, "tie_embeddings": False},
                                            "profiles, fewer people and untied embeddings together"),
 }

@@ -647,6 +647,8 @@ def _edit(a: argparse.Namespace) -> None:
     if max(_check_layers) >= lm.cfg.n_layers:
         raise ConfigError(f"The '--layer' / '--memit-layers' parameters must be layers of the model, 0 to "
                           f"{lm.cfg.n_layers - 1}. Got {_check_layers} instead.")
+    if a.sequential is not None:
+        return _edit_sequential(a, run, lm, world)
     if a.subject is None:
         _own_out(a, "edit")
         out = Path(a.out or run.path / "edit")
@@ -737,10 +739,67 @@ def _edit(a: argparse.Namespace) -> None:
         print(f"wrote the edited model to {dest}/ (open it with memloc.models.transformer.LMRun)")
 
 
+def _edit_sequential(a: argparse.Namespace, run, lm, world) -> None:
+    """`memloc edit RUN --sequential N --method M [--batch B]`: the sequential-editing harness on the run's world."""
+    import dataclasses
+
+    from .edit.rome import EditConfig, context_templates, key_second_moment
+    from .edit.sequential import sequential_edits, sequential_requests
+    from .validate import ConfigError, number
+
+    number("--sequential", a.sequential, lo=1, integer=True)
+    number("--batch", a.batch, lo=1, integer=True, none_ok=True)
+    number("--every", a.every, lo=1, integer=True, none_ok=True)
+    number("--threshold", a.threshold, lo=0)
+    single = a.method in ("rome", "r-rome")
+    if single and a.batch not in (None, 1):
+        raise ConfigError(f"--method {a.method} edits one fact at a time; --batch must be 1. Use memit or alphaedit "
+                          "for batches.")
+    layers = [a.layer] if single else [int(x) for x in a.memit_layers.split(",")]
+    records, preserved = sequential_requests(world, a.sequential, seed=a.seed)
+    text = world.training_text()
+    C = {l: key_second_moment(lm, text, l) for l in layers}
+    if single:
+        cfg = EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp)
+        starts, lengths = None, ((5, 10), (10, 10))  # kmeng01/rome's 20 generated prefixes
+    else:
+        from .models.gpt2 import GPT2_MEMIT
+        cfg = EditConfig.memit(**(GPT2_MEMIT if run.kind == "gpt2" else {}))
+        starts, lengths = ["The", "Therefore", "Because", "I", "You"], ((10, 5),)  # MEMIT / AlphaEdit's
+    if a.prefixes == "generated":
+        if run.kind != "gpt2":
+            starts = None  # the word testbed's vocabulary: start from BOS
+        cfg = dataclasses.replace(cfg, context_templates=context_templates(lm, lengths, starts=starts, seed=a.seed))
+    out = Path(a.out or run.path / f"sequential_{a.method}")
+    table = sequential_edits(lm, records, a.method, batch=a.batch, every=a.every, layers=layers, C=C, config=cfg,
+                             preserved=preserved, threshold=a.threshold, out=out, overwrite=a.overwrite,
+                             progress=not a.quiet)
+    st = table.attrs["settings"]
+    extra = (f", null space threshold {a.threshold} ({st.get('nullspace_dims')} free directions)"
+             if a.method == "alphaedit" else f", lambda {cfg.mom2_update_weight}" if a.method == "memit" else "")
+    print(f"sequential {a.method} on {run.path}: {st['n']} edits (seed {a.seed}; 20% of the subjects never edited: "
+          f"{len(preserved)} preserved facts), batch {st['batch']}, layers {st['layers']}, clamp "
+          f"{cfg.clamp_norm_factor}, {len(cfg.context_templates)} context templates ({a.prefixes}){extra}; C from the "
+          f"training text. Percent; specificity against the unedited model:")
+    cols = [c for c in ("n_edits", "es", "ps", "ns", "specificity", "preserved_acc", "fluency", "consistency",
+                        "update_rel", "collapsed", "seconds_editing") if c in table]
+    import pandas as pd
+
+    with pd.option_context("display.width", 220, "display.max_columns", 30):
+        print(table[cols].round(2).to_string(index=False))
+    print(f"wrote {out}/ (checkpoints.parquet, edits.parquet, sequential.png)")
+
+
 def _edit_requests(a: argparse.Namespace) -> None:
     """`memloc edit --model DIR --requests FILE`: edit a user's model with CounterFact / zsRE records."""
-    from .validate import OutputExistsError
+    from .validate import ConfigError, OutputExistsError
 
+    if a.method not in ("rome", "memit"):
+        raise ConfigError(f"With --requests, --method must be rome or memit (got {a.method}); r-rome and alphaedit "
+                          "run with --sequential on a language-model run.")
+    if a.sequential is not None:
+        raise ConfigError("--sequential runs on a language-model run (memloc edit RUN --sequential N), not with "
+                          "--requests.")
     if a.out and Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
         raise OutputExistsError(f"--out {a.out} exists and is not an empty folder; choose a new --out folder (checked "
                                 "before any edit is computed).")
@@ -920,7 +979,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="your model: a local Hugging Face folder (with --requests)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--requests", default=None, help="CounterFact or zsRE JSON / JSON lines")
-    p.add_argument("--method", default="rome", choices=["rome", "memit"], help="with --requests (%(default)s)")
+    p.add_argument("--method", default="rome", choices=["rome", "r-rome", "memit", "alphaedit"],
+                   help="with --requests: rome or memit; with --sequential: any (%(default)s)")
+    p.add_argument("--sequential", type=int, default=None, metavar="N",
+                   help="sequential editing: N edits one after another (rome, r-rome) or in batches (memit, "
+                        "alphaedit), evaluated every --every edits; output RUN/sequential_METHOD (or --out)")
+    p.add_argument("--batch", type=int, default=None, help="with --sequential: edits per batch (memit / alphaedit; 100)")
+    p.add_argument("--every", type=int, default=None, help="with --sequential: edits between evaluations (N/10)")
+    p.add_argument("--threshold", type=float, default=2e-2,
+                   help="with --sequential --method alphaedit: null-space eigenvalue threshold (%(default)s)")
+    p.add_argument("--prefixes", default="generated", choices=["generated", "none"],
+                   help="with --sequential: context prefixes sampled from the model (kmeng01/rome's 20 for ROME, "
+                        "MEMIT's 5 for batches) or the bare prompt only (%(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="with --sequential: recompute a folder made with other "
+                                                            "settings")
     p.add_argument("--stats", default=None, help="with --requests: texts for C = E[kk^T] (.txt / .jsonl / dataset); "
                                                  "default identity")
     p.add_argument("--limit", type=int, default=None, help="with --requests: the first N records")

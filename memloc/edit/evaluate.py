@@ -51,14 +51,17 @@ def _lm(lm):
 
 
 def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinct_subjects: bool = True,
-                  n_neighbours: int = 5, exclude_edited: bool = False):
+                  n_neighbours: int = 5, exclude_edited: bool = False, subjects: Sequence[str] | None = None):
     """``n`` seeded :class:`~memloc.data.records.EditRecord` s on a fact world: random facts, each rewritten to a
     random other object of its relation on training template ``template``; paraphrases are the relation's held-out
     templates (also the generation prompts), neighbours ``n_neighbours`` other subjects of the relation (those
     sharing the true object first, as in CounterFact; never one whose object is the new one; with
     ``exclude_edited``, never a subject any of the ``n`` records edits: for edits applied together), ``other``
-    the subject's facts of the other relations. ``distinct_subjects`` draws at most one fact per subject. The same
-    seed gives the same requests with or without ``exclude_edited``; only neighbours differ."""
+    the subject's facts of the other relations, reference texts (for consistency) up to five training sentences of
+    other subjects whose object is the new one. ``distinct_subjects`` draws at most one fact per subject;
+    ``subjects`` draws only facts of those subjects (the others stay unedited: neighbours and preserved facts for
+    sequential editing). The same seed gives the same requests with or without ``exclude_edited``; only
+    neighbours differ."""
     from ..data.records import EditRecord
     from ..validate import number
 
@@ -67,9 +70,15 @@ def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinc
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(world.facts))
+    allowed = None if subjects is None else set(subjects)
+    if allowed is not None and allowed - set(world.subjects):
+        raise ValueError(f"{len(allowed - set(world.subjects))} of the given subjects are not in the world, e.g. "
+                         f"{sorted(allowed - set(world.subjects))[:3]}.")
     picked, seen = [], set()
     for i in order:
         f = world.facts[int(i)]
+        if allowed is not None and f.subject not in allowed:
+            continue
         if distinct_subjects and f.subject in seen:
             continue
         seen.add(f.subject)
@@ -93,13 +102,14 @@ def make_requests(world, n: int = 100, seed: int = 0, template: int = 0, distinc
         nb = [first[i] for i in nrng.permutation(len(first))[:n_neighbours]]
         nb += [rest[i] for i in nrng.permutation(len(rest))[:n_neighbours - len(nb)]]
         others = [g for g in world.facts if g.subject == f.subject and g.relation != f.relation]
+        refs = [g for g in world.facts if g.relation == f.relation and g.object == new][:5]
         out.append(EditRecord(
             prompt=train[template].replace("{s}", "{}"), subject=f.subject, target_new=new, target_true=f.object,
             paraphrase_prompts=tuple(world.prompts(f, "heldout")),
             neighborhood_prompts=tuple(world.prompts(g)[0] for g in nb), neighborhood_targets=tuple(g.object for g in nb),
             generation_prompts=tuple(world.prompts(f, "heldout")),
             other_prompts=tuple(world.prompts(g)[0] for g in others), other_targets=tuple(g.object for g in others),
-            format="memloc", case_id=f"{f.subject}/{f.relation}", relation=f.relation))
+            reference_texts=tuple(f"{world.prompts(g)[0]} {g.object}." for g in refs), format="memloc", case_id=f"{f.subject}/{f.relation}", relation=f.relation))
     return out
 
 

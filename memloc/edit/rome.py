@@ -50,12 +50,14 @@ import torch.nn.functional as F
 
 from ..hooks import capture, hooks, replace_parameters, require_eval
 
-__all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "key_second_moment", "subject_last_index",
-           "mlp_out_weight", "edit_outcomes", "OUT_MODULE", "RESID"]
+__all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "alphaedit", "NullSpace", "null_space",
+           "context_templates", "key_second_moment", "subject_last_index", "mlp_out_weight", "edit_outcomes",
+           "OUT_MODULE", "RESID", "KEY_MODES"]
 
 OUT_MODULE = "blocks.{}.mlp.out"  # attribute path of the MLP output projection
 KEY, VALUE = OUT_MODULE + ".hook_in", OUT_MODULE + ".hook_out"  # hook points on its input and output
 RESID = "blocks.{}.hook_resid_post"
+KEY_MODES = ("original", "prefix", "prompt")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ class EditConfig:
     context_templates: tuple[str, ...] = ("{}",)
     kl_prompts: tuple[str, ...] = ("{} is a",)
     mom2_update_weight: float = 15000.0  # MEMIT's lambda
+    keys: str = "original"  # ROME: "original" (kmeng01/rome), "prefix" (r-ROME) or "prompt"; see rome()
+    l2: float = 10.0  # AlphaEdit's ridge term (jianghoucheng/AlphaEdit's "L2")
+
+    def __post_init__(self):
+        if self.keys not in KEY_MODES:
+            raise ValueError(f"The 'keys' parameter must be one of {KEY_MODES}. Got {self.keys!r} instead.")
+        if not self.context_templates or any(c.count("{}") != 1 for c in self.context_templates):
+            raise ValueError("Every context template must contain '{}' once, where the prompt goes; got "
+                             f"{self.context_templates!r}.")
 
     @classmethod
     def memit(cls, **kw) -> "EditConfig":
@@ -323,6 +334,64 @@ def _mean_keys(lm, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torc
     return k.view(len(reqs), len(cfg.context_templates), -1).mean(1)
 
 
+def _template_kv(lm, req: Request, layer: int, cfg: EditConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value at the subject's last token, each averaged over the context templates (r-ROME's ``k*`` and
+    the mean current value ``W k* + b``)."""
+    prompts = [(c.format(req.prompt), req.subject) for c in cfg.context_templates]
+    k, v = _at_subject(lm, prompts, [KEY.format(layer), VALUE.format(layer)])
+    return k.mean(0), v.mean(0)
+
+
+def context_templates(lm, length_params: Sequence[tuple[int, int]] = ((5, 10), (10, 10)), top_k: int = 5,
+                      seed: int = 0, starts: Sequence[str] | None = None) -> tuple[str, ...]:
+    """kmeng01/rome's context templates: ``"{}"`` and, per ``(length, n)`` of ``length_params``, ``n`` texts
+    sampled from the model (top-``top_k`` sampling, seeded) of ``length`` tokens in all counting the start token,
+    each followed by ``". {}"`` (braces in a text become spaces). ``starts=None`` starts from the BOS token
+    (kmeng01/rome: ``<|endoftext|>``; defaults ``((5, 10), (10, 10))``: 21 templates); MEMIT and AlphaEdit start
+    from ``["The", "Therefore", "Because", "I", "You"]`` with ``((10, 5),)``, ``n // len(starts)`` texts each.
+    ROME averages the key over these prefixes (``EditConfig(context_templates=...)``); the value is optimised on
+    all of them."""
+    from ..validate import number
+
+    lm = _lm(lm)
+    require_eval(lm.model, "Context templates")
+    number("top_k", top_k, lo=1, integer=True)
+    gen = torch.Generator().manual_seed(int(seed))
+    out = ["{}"]
+    for length, n in length_params:
+        number("length", length, lo=2, integer=True)
+        number("n", n, lo=0, integer=True)
+        if starts is None:
+            if lm.bos_id is None:
+                raise ValueError("The tokenizer has no BOS token to start the context templates from; give starts=.")
+            seeds = [[lm.bos_id]] * n
+        else:
+            each = max(1, n // len(starts))
+            seeds = [lm.encode(t, bos=False) for t in starts for _ in range(each)]
+        if not seeds:
+            continue
+        width = max(len(q) for q in seeds)
+        groups: dict[int, list[list[int]]] = {}
+        for q in seeds:
+            groups.setdefault(len(q), []).append(list(q))
+        texts = []
+        with torch.no_grad():
+            for _, group in sorted(groups.items()):
+                cur = torch.tensor(group, dtype=torch.long)
+                while cur.shape[1] < max(length, width):
+                    p = torch.softmax(lm.logits(cur)[:, -1].double().cpu(), -1)
+                    top = torch.topk(p, min(top_k, p.shape[-1]), dim=-1)
+                    pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=gen)
+                    cur = torch.cat([cur, top.indices.gather(1, pick)], 1)
+                for row in cur.tolist():
+                    ids = [i for i in row if i != lm.bos_id]
+                    texts.append(lm.decode(ids) if ids else "")
+        for t in texts:
+            t = t.replace("{", " ").replace("}", " ").replace("\n", " ")
+            out.append(t + ". {}")
+    return tuple(out)
+
+
 def _bare(lm, reqs: Sequence[Request], layer: int, site: str | None = None):
     """Key and value (or, with ``site``, that site's output) at the subject's last token of the bare prompts."""
     prompts = [(r.prompt, r.subject) for r in reqs]
@@ -371,7 +440,20 @@ def rome(lm, request: Request, layer: int, C: torch.Tensor | None = None, config
          outcomes: bool = True) -> Edit:
     """A ROME edit of ``request`` at ``layer`` (see the module docstring). ``lm``: the :class:`~memloc.models.lm.LM`
     handle. ``C``: the layer's key second moment from :func:`key_second_moment`; ``None`` uses the identity. The
-    model is not modified. With ``outcomes``, ``info`` says whether the edit took (:func:`edit_outcomes`)."""
+    model is not modified. With ``outcomes``, ``info`` says whether the edit took (:func:`edit_outcomes`).
+
+    ``config.keys`` chooses the keys of ``W' = W + (v* - v) u^T / (k^T u)``, ``u = C^-1 k_u / |C^-1 k_u|``
+    (``k*``: the key averaged over ``config.context_templates``; ``k``: the bare prompt's key; ``v``: the current
+    value at the key used):
+
+    - ``"original"`` (kmeng01/rome): ``k_u = k*``, residual and denominator from ``k``; the edited bare-prompt key
+      maps to ``v*`` exactly. The asymmetry is what r-ROME (Gupta et al. 2024) found behind disabling edits.
+    - ``"prefix"`` (r-ROME, scalable-model-editing/rebuilding-rome's ``enable_random_prefix_keys``): ``k*``
+      everywhere and ``v`` the current value averaged over the templates (``W k* + b``): ``k*`` maps to ``v*``.
+    - ``"prompt"`` (rebuilding-rome's ``enable_prompt_keys``): the bare prompt's key everywhere.
+
+    With the default single template ``"{}"`` the three coincide; :func:`context_templates` generates
+    kmeng01/rome's 20 prefixes."""
     lm = _lm(lm)
     model = lm.model
     require_eval(model, "ROME")
@@ -380,25 +462,29 @@ def rome(lm, request: Request, layer: int, C: torch.Tensor | None = None, config
     cfg = config or EditConfig()
     name, w, transposed = mlp_out_weight(model, layer)
     v_star, info, h = _optimize_target(lm, request, VALUE.format(layer), cfg)
-    k_star = _mean_keys(lm, [request], layer, cfg)[0]
-    c_inv_k = torch.linalg.solve(C.double(), k_star) if C is not None else k_star.clone()
+    k_star, v_mean = _template_kv(lm, request, layer, cfg)
+    k_bare, v_bare = (t[0] for t in _bare(lm, [request], layer))
+    left = k_bare if cfg.keys == "prompt" else k_star
+    c_inv_k = torch.linalg.solve(C.double(), left) if C is not None else left.clone()
     u = c_inv_k / c_inv_k.norm()
-    k, v = (t[0] for t in _bare(lm, [request], layer))
+    k, v = (k_star, v_mean) if cfg.keys == "prefix" else (k_bare, v_bare)
     right = (v_star - v) / (k @ u)
     upd = torch.outer(right, u)
     edit = Edit({name: _as_delta(upd, w, transposed)}, {})
     with edit.applied(model):
-        _, v_new = (t[0] for t in _bare(lm, [request], layer))
+        v_new = _template_kv(lm, request, layer, cfg)[1] if cfg.keys == "prefix" else _bare(lm, [request], layer)[1][0]
     W = (w.detach().double().cpu().T if transposed else w.detach().double().cpu())  # [d_model, d_mlp]
     typical = float(torch.sqrt(((W @ C.double()) * W).sum())) if C is not None else float("nan")
-    info.update(method="rome", layer=layer, covariance="data" if C is not None else "identity",
+    info.update(method="rome" if cfg.keys == "original" else f"rome (keys={cfg.keys})", layer=layer, keys=cfg.keys,
+                n_templates=len(cfg.context_templates), denominator=float(k @ u),
+                covariance="data" if C is not None else "identity",
                 rel_error=float((v_new - v_star).norm() / v_star.norm()), config=asdict(cfg), request=asdict(request),
                 update_rel=float((v_star - v).norm() / v.norm()),
                 update_vs_typical=float((v_star - v).norm()) / typical if C is not None else float("nan"),
                 weight_rel=float(upd.norm() / W.norm()), tokenization=lm.settings)
     edit.info = info
     edit.intermediates = {"k_star": k_star, "c_inv_k": c_inv_k, "u": u, "key": k, "value": v, "h": h,
-                          "delta": v_star - h, "v_star": v_star}
+                          "delta": v_star - h, "v_star": v_star, "key_bare": k_bare, "value_bare": v_bare}
     if outcomes:
         info.update(edit_outcomes(lm, edit, [request])[0])
     return edit
@@ -427,21 +513,88 @@ def memit(lm, requests: Sequence[Request], layers: Sequence[int],
     """One MEMIT edit for all ``requests`` spread over ``layers`` (see the module docstring). ``C``: ``{layer:
     key second moment}``; missing layers use the identity. The model is not modified. With ``outcomes``,
     ``info["edits"]`` says per request whether it took, and ``info["flags"]`` counts the flags."""
+    return _batch_edit(lm, requests, layers, C, config, None, progress, outcomes)
+
+
+@dataclass
+class NullSpace:
+    """AlphaEdit's state per edited layer: ``P`` (``{layer: [d_mlp, d_mlp]}``, float64), the projector onto the
+    span of the eigenvectors of the preserved keys' second moment ``C`` whose eigenvalues are below
+    ``threshold``; ``previous`` (``{layer: K_p K_p^T}``), the keys of the edits made so far (summed outer
+    products, keys computed after each batch was applied, as jianghoucheng/AlphaEdit does); ``dims``: the null
+    space's dimension per layer; ``n_previous``: how many edits ``previous`` holds. Memory: two ``d_mlp x d_mlp``
+    float64 matrices per layer (:meth:`nbytes`)."""
+
+    P: dict
+    previous: dict
+    threshold: float
+    dims: dict
+    n_previous: int = 0
+
+    def remember(self, edit: Edit) -> None:
+        """Add the keys of an applied :func:`alphaedit` edit (``edit.intermediates["keys_after"]``)."""
+        after = edit.intermediates.get("keys_after")
+        if after is None:
+            raise ValueError("This edit has no keys_after: only an alphaedit() edit can be remembered.")
+        for l, K in after.items():
+            self.previous[l] = self.previous[l] + K.T @ K
+        self.n_previous += len(next(iter(after.values())))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.P, self.previous) for t in d.values())
+
+
+def null_space(C: dict[int, torch.Tensor], threshold: float = 2e-2) -> NullSpace:
+    """:class:`NullSpace` from ``{layer: C}`` (:func:`key_second_moment`): eigenvectors of ``C`` with eigenvalue
+    below ``threshold`` (jianghoucheng/AlphaEdit's ``nullspace_threshold``, 2e-2 for GPT-2 XL, GPT-J and Llama3;
+    an absolute threshold, so it depends on the scale of the model's keys: ``dims`` says how many directions
+    are left free)."""
+    from ..validate import number
+
+    number("threshold", threshold, lo=0.0)
+    if not C:
+        raise ValueError("AlphaEdit needs the key second moment C of every edited layer ({layer: C}).")
+    P, prev, dims = {}, {}, {}
+    for l, c in C.items():
+        c = c.double()
+        evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+        free = evecs[:, evals < threshold]
+        P[int(l)], prev[int(l)], dims[int(l)] = free @ free.T, torch.zeros_like(c), int(free.shape[1])
+    return NullSpace(P, prev, float(threshold), dims)
+
+
+def alphaedit(lm, requests: Sequence[Request], layers: Sequence[int], space: NullSpace,
+              config: EditConfig | None = None, progress: bool = False, outcomes: bool = True) -> Edit:
+    """One AlphaEdit batch (Fang et al. 2025): MEMIT's targets and residuals, with each layer's update
+    ``Delta^T = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K R^T`` restricted to the null space ``P`` of the preserved
+    keys (``space`` from :func:`null_space`) and kept off the earlier edits' keys ``K_p`` (``space.previous``);
+    ``config.l2`` is the ridge term (10), ``config.mom2_update_weight`` is not used. The update lies in the
+    range of ``P``: preserved keys (eigenvalues of ``C`` above the threshold) map to what they mapped to.
+    The model is not modified; apply the edit, then call ``space.remember(edit)`` before the next batch
+    (:func:`memloc.edit.sequential.sequential_edits` does both)."""
+    return _batch_edit(lm, requests, layers, None, config, space, progress, outcomes)
+
+
+def _batch_edit(lm, requests, layers, C, config, space, progress, outcomes) -> Edit:
+    """MEMIT (``space=None``) or AlphaEdit (``space``) over ``layers``."""
     from tqdm.auto import tqdm
 
     lm = _lm(lm)
     model = lm.model
-    require_eval(model, "MEMIT")
+    method = "memit" if space is None else "alphaedit"
+    require_eval(model, method.upper() if space is None else "AlphaEdit")
     cfg = config or EditConfig.memit()
     requests, layers = list(requests), sorted(int(l) for l in layers)
     _check_words(lm, requests)
     if not requests or not layers:
-        raise ValueError("MEMIT needs at least one request and one layer.")
+        raise ValueError(f"{method} needs at least one request and one layer.")
     for l in layers:
         _check_layer(lm, l)
+    if space is not None and set(layers) - set(space.P):
+        raise ValueError(f"The null space covers layers {sorted(space.P)}; the edit asks for {layers}.")
     L = layers[-1]
     zs, infos, hs = [], [], []
-    for r in tqdm(requests, desc="MEMIT targets", disable=not progress, leave=False):
+    for r in tqdm(requests, desc=f"{method} targets", disable=not progress, leave=False):
         z, info, h = _optimize_target(lm, r, RESID.format(L), cfg)
         zs.append(z)
         infos.append(info)
@@ -456,19 +609,31 @@ def memit(lm, requests: Sequence[Request], layers: Sequence[int],
             K = _mean_keys(lm, requests, l, cfg).T  # [d_mlp, n]
             cur = _bare(lm, requests, l, RESID.format(L))  # [n, d_model]
             R = (Z - cur).T / (len(layers) - i)  # [d_model, n]
-            Cl = C.get(l) if C else None
-            Cl = torch.eye(K.shape[0], dtype=torch.float64) if Cl is None else Cl.double()
-            adj = torch.linalg.solve(cfg.mom2_update_weight * Cl + K @ K.T, K)  # [d_mlp, n]
-            inter["keys"][l], inter["current"][l], inter["residuals"][l], inter["u"][l] = K.T, cur, R.T, adj.T
-            d = _as_delta(R @ adj.T, w, transposed)
+            if space is None:
+                Cl = C.get(l) if C else None
+                Cl = torch.eye(K.shape[0], dtype=torch.float64) if Cl is None else Cl.double()
+                adj = torch.linalg.solve(cfg.mom2_update_weight * Cl + K @ K.T, K)  # [d_mlp, n]
+                upd = R @ adj.T  # [d_model, d_mlp]
+                inter["u"][l] = adj.T
+            else:
+                P = space.P[l]
+                A = P @ (K @ K.T + space.previous[l]) + cfg.l2 * torch.eye(K.shape[0], dtype=torch.float64)
+                upd = torch.linalg.solve(A, P @ K @ R.T).T  # [d_model, d_mlp]
+            inter["keys"][l], inter["current"][l], inter["residuals"][l] = K.T, cur, R.T
+            d = _as_delta(upd, w, transposed)
             deltas[name] = d
             stack.enter_context(Edit({name: d}).applied(model))
         final = _bare(lm, requests, L, RESID.format(L))
-    info = {"method": "memit", "layers": layers, "n_requests": len(requests),
+        if space is not None:
+            inter["keys_after"] = {l: _mean_keys(lm, requests, l, cfg) for l in layers}
+    info = {"method": method, "layers": layers, "n_requests": len(requests),
             "covariance": "data" if C else "identity", "config": asdict(cfg),
             "target_rel_error": float(((final - Z).norm(dim=1) / Z.norm(dim=1)).mean()),
             "nll_end": float(sum(i["nll_end"] for i in infos) / len(infos)), "tokenization": lm.settings,
             "losses": [i["losses"] for i in infos], "v_loss_layer": model.cfg.n_layers - 1}
+    if space is not None:
+        info.update(covariance="null space", nullspace_threshold=space.threshold,
+                    nullspace_dims={str(l): space.dims[l] for l in layers}, previous_edits=space.n_previous)
     edit = Edit(deltas, info, inter)
     if outcomes:
         per = edit_outcomes(lm, edit, requests, entropy=len(requests) <= 32)

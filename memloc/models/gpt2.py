@@ -26,12 +26,12 @@ import torch
 
 from ..results import read_json, write_json
 
-__all__ = ["GPT2_DEFAULTS", "EDIT_LAYERS", "train_bpe_tokenizer", "train_gpt2", "testbed_metrics"]
+__all__ = ["GPT2_DEFAULTS", "EDIT_LAYERS", "train_bpe_tokenizer", "train_gpt2", "testbed_metrics", "tokenizer_texts"]
 
 GPT2_DEFAULTS = {
     "n_layers": 6, "d_model": 128, "n_heads": 4, "d_mlp": 512, "tie_embeddings": True,
     "steps": 400, "batch_size": 64, "lr": 2e-3, "betas": (0.9, 0.98), "weight_decay": 0.01, "warmup": 50,
-    "final_lr": 0.05, "clip": 1.0, "vocab_size": 2048, "seed": 0,
+    "final_lr": 0.05, "clip": 1.0, "vocab_size": 2048, "split_names": False, "seed": 0,
 }
 """The default testbed's settings (:func:`train_gpt2`)."""
 
@@ -84,8 +84,31 @@ def _check(settings: dict) -> dict:
     if not isinstance(s["warmup"], int) or not 0 <= s["warmup"] < s["steps"]:
         raise ConfigError(f"The 'warmup' parameter must be an int in [0, steps). Got {s['warmup']!r} instead.")
     s["betas"] = tuple(float(b) for b in s["betas"])
-    s["tie_embeddings"] = bool(s["tie_embeddings"])
+    for k in ("tie_embeddings", "split_names"):
+        if not isinstance(s[k], (bool, int)) or s[k] not in (0, 1):
+            raise ConfigError(f"The {k!r} parameter must be True or False. Got {s[k]!r} instead.")
+        s[k] = bool(s[k])
     return s
+
+
+def tokenizer_texts(texts: Sequence[str], world, seed: int = 0, pool: int = 1000) -> list[str]:
+    """``texts`` with every part of the world's names (people and canaries) replaced, occurrence by occurrence, by
+    one of ``pool`` other made-up names: a tokenizer trained on them has sub-word pieces of such names but not the
+    world's names, which it splits into pieces (about 3 per name part) as GPT-2's tokenizer splits a name it never
+    saw. Texts without the names are unchanged."""
+    import re
+
+    import numpy as np
+
+    from ..data.bios import _names
+
+    parts = {p for name in list(world.subjects) + [c.name for c in world.canaries] for p in name.split()}
+    if not parts:
+        return list(texts)
+    rng = np.random.default_rng(seed + 5)
+    other = _names(rng, pool, set(parts))
+    pat = re.compile(r"\b(" + "|".join(map(re.escape, sorted(parts, key=len, reverse=True))) + r")\b")
+    return [pat.sub(lambda m: other[int(rng.integers(pool))], t) for t in texts]
 
 
 def _lr_factor(step: int, s: dict) -> float:
@@ -101,7 +124,9 @@ def train_gpt2(world, out: str | Path, *, texts: Sequence[str] | None = None, to
     return its :class:`~memloc.models.transformer.LMRun`.
 
     ``settings`` override :data:`GPT2_DEFAULTS` (``n_layers, d_model, n_heads, d_mlp, tie_embeddings, steps,
-    batch_size, lr, betas, weight_decay, warmup, final_lr, clip, vocab_size, seed``). ``tokenizer_dir`` reuses a
+    batch_size, lr, betas, weight_decay, warmup, final_lr, clip, vocab_size, split_names, seed``). ``split_names``
+    trains the tokenizer on the texts with the names replaced (:func:`tokenizer_texts`), so names are several
+    tokens, as in a pretrained model; otherwise every name part is one token. ``tokenizer_dir`` reuses a
     trained tokenizer (an unlearning oracle shares its run's token ids). A finished run with the same settings in
     ``out`` is returned as is; other settings are refused unless ``overwrite``; a folder memloc did not create is
     never written into."""
@@ -124,7 +149,8 @@ def train_gpt2(world, out: str | Path, *, texts: Sequence[str] | None = None, to
     if (out / "summary.json").exists():
         return LMRun(out)
     if tokenizer_dir is None:
-        tok = train_bpe_tokenizer(texts, s["vocab_size"])
+        tok = train_bpe_tokenizer(tokenizer_texts(texts, world, s["seed"]) if s["split_names"] else texts,
+                                  s["vocab_size"])
     else:
         tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     seqs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
