@@ -32,24 +32,27 @@ import torch
 
 DESIGNS = {
     # name: (world settings for make_bio_world, testbed settings for train_gpt2, what it tests)
-    "bios300_6x128": ({"n_people": 300}, {"steps": 650}, "the trial's best design (d4) with multi-word objects: 300 people, name once then "
+    "bios300_6x128": ({"n_people": 300}, {"steps": 650, "split_names": False, "vocab_size": 2048}, "the trial's best design (d4) with multi-word objects: 300 people, name once then "
                               "He/She, 650 steps"),
-    "bios300_6x128_untied": ({"n_people": 300}, {"steps": 650, "tie_embeddings": False},
+    "bios300_6x128_untied": ({"n_people": 300}, {"steps": 650, "tie_embeddings": False, "split_names": False, "vocab_size": 2048},
                              "untied input / output embeddings: does the first MLP stop acting as the embedding?"),
-    "bios200_6x128_450": ({"n_people": 200}, {"steps": 450},
+    "bios200_6x128_450": ({"n_people": 200}, {"steps": 450, "split_names": False, "vocab_size": 2048},
                           "fewer people, 450 steps (3 minutes): more passes over each fact per step"),
-    "bios300_6x128_profiles2_450": ({"n_people": 300, "profiles": 2}, {"steps": 450},
+    "bios300_6x128_profiles2_450": ({"n_people": 300, "profiles": 2}, {"steps": 450, "split_names": False, "vocab_size": 2048},
                                     "plus 2 profiles per person (the name, then its attributes), 450 steps: predicting "
                                     "an attribute right after the name should make the model look it up at the name"),
-    "bios200_6x128_400": ({"n_people": 200}, {"steps": 400},
-                          "the default: fewer people, 400 steps, to train within 3 minutes on 2 cores"),
-    "bios200_6x128_split_400": ({"n_people": 200}, {"steps": 400, "split_names": True},
+    "bios200_6x128_400": ({"n_people": 200}, {"steps": 400, "split_names": False, "vocab_size": 2048},
+                          "the previous default: fewer people, 400 steps, whole-name tokens"),
+    "bios200_6x128_split_400": ({"n_people": 200}, {"steps": 400, "split_names": True, "vocab_size": 2048},
                                 "names split into sub-word pieces (the tokenizer trained with other made-up names in "
                                 "their place: 5.8 tokens per full name, as GPT-2 splits names it never saw), so the "
                                 "early layers must assemble the subject before a fact can be looked up"),
-    "bios200_6x128_split_300": ({"n_people": 200}, {"steps": 300, "split_names": True},
-                                "split names, 300 steps: within 3 minutes on 2 cores?"),
-    "bios200_6x128_profiles2_450_untied": ({"n_people": 200, "profiles": 2}, {"steps": 450, "tie_embeddings": False},
+    "bios200_6x128_split_300": ({"n_people": 200}, {"steps": 300, "split_names": True, "vocab_size": 2048},
+                                "split names, 300 steps: within 3 minutes on 2 cores (the default)"),
+    "bios200_6x128_split_v1024_400": ({"n_people": 200}, {"steps": 400, "split_names": True, "vocab_size": 1024},
+                                      "split names with a 1,024-token vocabulary (7 tokens per full name): the output "
+                                      "softmax over 2,048 tokens doubled the step time, so 400 steps fit 3 minutes"),
+    "bios200_6x128_profiles2_450_untied": ({"n_people": 200, "profiles": 2}, {"steps": 450, "tie_embeddings": False, "split_names": False, "vocab_size": 2048},
                                            "profiles, fewer people and untied embeddings together"),
 }
 
@@ -145,17 +148,18 @@ def markdown(results: dict) -> str:
             "by editing (r) | MEMIT ES / PS / NS: lambda 15000, 5000, scaled (lambda) |",
             "|---|---|---|---|---|---|---|---|"]
     for name, d in results["designs"].items():
-        if "hase" not in d:
+        if "trace_mlp_w1" not in d:
             continue
-        rome = "; ".join(f"L{l} {v['es']:.0f}/{v['ps']:.0f}/{v['ns']:.0f}" for l, v in d["rome"].items())
+        rome = ("; ".join(f"L{l} {v['es']:.0f}/{v['ps']:.0f}/{v['ns']:.0f}" for l, v in d["rome"].items())
+                + f" ({d['rome_unedited_ns']:.0f})") if "rome" in d else "not run: " + d.get("stopped", "stopped")
         memit = "; ".join(f"{d[k]['es']:.0f}/{d[k]['ps']:.0f}/{d[k]['ns']:.0f}" for k in
-                          ("memit_lambda15000", "memit_lambda5000", "memit_lambda_scaled") if k in d)
+                          ("memit_lambda15000", "memit_lambda5000", "memit_lambda_scaled") if k in d) or "-"
         lam = d.get("memit_lambda_scaled", {}).get("lambda")
-        h = d["hase"]
+        h = d.get("hase")
         rows.append(f"| {name} | {d['train_seconds']:.0f} ({d['steps']}) | {d['recall_train']:.2f} / "
                     f"{d['recall_heldout']:.2f} | {' '.join(f'{x:.3f}' for x in d['trace_mlp_w1'])} "
                     f"(L{d['trace_mlp_w1_peak']}; total {d['trace_mlp_w1_te']:.2f}) | L{d['trace_mlp_w2_peak']} | "
-                    f"{rome} ({d['rome_unedited_ns']:.0f}) | {h['agree']:.0%} ({h['pearson_all']:.2f}) | {memit}"
+                    f"{rome} | " + (f"{h['agree']:.0%} ({h['pearson_all']:.2f})" if h else "-") + f" | {memit}"
                     + (f" ({lam})" if lam else "") + " |")
     return "\n".join(rows)
 

@@ -623,6 +623,15 @@ def _edit(a: argparse.Namespace) -> None:
     number("--n", a.n, lo=1, integer=True)
     number("--layer", a.layer, lo=0, integer=True, none_ok=True)
     number("--limit", a.limit, lo=1, integer=True, none_ok=True)
+    number("--sequential", a.sequential, lo=1, integer=True, none_ok=True)
+    number("--batch", a.batch, lo=1, integer=True, none_ok=True)
+    number("--every", a.every, lo=1, integer=True, none_ok=True)
+    number("--threshold", a.threshold, lo=0)
+    if a.sequential is None and (a.batch is not None or a.every is not None):
+        raise ConfigError("--batch and --every go with --sequential N.")
+    if a.sequential is not None and a.method in ("rome", "r-rome") and a.batch not in (None, 1):
+        raise ConfigError(f"--method {a.method} edits one fact at a time; --batch must be 1. Use memit or alphaedit "
+                          "for batches.")
     if a.memit_layers is not None:
         int_list("--memit-layers", a.memit_layers, lo=0)
     if a.threads:
@@ -745,16 +754,8 @@ def _edit_sequential(a: argparse.Namespace, run, lm, world) -> None:
 
     from .edit.rome import EditConfig, context_templates, key_second_moment
     from .edit.sequential import sequential_edits, sequential_requests
-    from .validate import ConfigError, number
 
-    number("--sequential", a.sequential, lo=1, integer=True)
-    number("--batch", a.batch, lo=1, integer=True, none_ok=True)
-    number("--every", a.every, lo=1, integer=True, none_ok=True)
-    number("--threshold", a.threshold, lo=0)
     single = a.method in ("rome", "r-rome")
-    if single and a.batch not in (None, 1):
-        raise ConfigError(f"--method {a.method} edits one fact at a time; --batch must be 1. Use memit or alphaedit "
-                          "for batches.")
     layers = [a.layer] if single else [int(x) for x in a.memit_layers.split(",")]
     records, preserved = sequential_requests(world, a.sequential, seed=a.seed)
     text = world.training_text()
@@ -951,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=120, help="train --kind word: subjects of the fact world")
     p.add_argument("--layers", type=int, default=None, help="train: blocks (gpt2 6, word 4)")
     p.add_argument("--d-model", type=int, default=128, help="train: width (%(default)s)")
-    p.add_argument("--train-steps", type=int, default=None, help="train --kind gpt2: optimiser steps (400)")
+    p.add_argument("--train-steps", type=int, default=None, help="train --kind gpt2: optimiser steps (300)")
     p.add_argument("--overwrite", action="store_true", help="train: retrain a run of other settings in --out")
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
     p.add_argument("--facts", type=int, default=90, help="trace / neurons: facts analysed (%(default)s)")

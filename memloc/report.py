@@ -237,7 +237,7 @@ td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;ov
 
 
 LM_DEFAULTS = {"kind": "gpt2", "n_people": 200, "n_subjects": 120, "seed": 0, "trace_facts": 30, "kn_facts": 30,
-               "edits": 50, "hase_facts": 20}
+               "edits": 50, "hase_facts": 20, "sequential": 40}
 """``investigate --preset lm``: the GPT-2 testbed (``kind="word"``: the word-level one) and how much of it to analyse."""
 
 
@@ -312,6 +312,7 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
     hase = _step(out, "trace_vs_edit", lambda: trace_vs_edit(lm, hase_recs, by_layer, "mlp", 1, seed=o["seed"],
                                                              progress=progress)[0], log,
                  inputs={"n": o["hase_facts"], "seed": o["seed"]})
+    seq = _sequential_section(out, lm, world, o, rome_layer, memit_layers, memit_config, progress, log)
     from .edit.unlearn_lm import compare_lm_unlearning, plot_lm_tradeoff
 
     t0 = time.perf_counter()
@@ -323,7 +324,15 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
     figs["edits.png"] = lambda: plots.plot_edits(edits_table)
     figs["trace_vs_edit.png"] = lambda: plots.plot_trace_vs_edit(hase, by_layer)
     figs["unlearning.png"] = lambda: plot_lm_tradeoff(unlearn_table)
+    from .edit.sequential import plot_sequential
+    figs["sequential.png"] = lambda: plot_sequential(seq)
     findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table, hase)
+    last = pd.DataFrame([t.iloc[-1] for t in seq.values()])
+    findings.append(f"Sequential editing ({o['sequential']} edits; ROME and r-ROME one at a time at layer {rome_layer} "
+                    f"with 20 generated prefixes, MEMIT and AlphaEdit in batches of {max(1, o['sequential'] // 4)} at "
+                    f"layers {memit_layers}): efficacy of all edits / specificity against the unedited model: " + "; ".join(
+                        f"{r.method} {r.es:.0f}% / {getattr(r, 'specificity', float('nan')):.0f}%" for r in last.itertuples())
+                    + ".")
     sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
                 ("Causal tracing: MLP outputs", "trace_mlp.png", f"Windows of {windows['mlp']} layer(s)."),
                 ("Causal tracing: attention outputs", "trace_attn.png", f"Windows of {windows['attn']} layer(s)."),
@@ -332,8 +341,13 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
                  "(rewrite + paraphrase margin) at the same layer; per-layer means."),
                 ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
                 ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
+                ("Sequential editing", "sequential.png", "ROME, r-ROME, MEMIT and AlphaEdit, each edit on the model "
+                 "edited so far; specificity of never-edited subjects' facts against the unedited model."),
                 ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
     tables = [("Canaries", ex.round(3)), ("Edit benchmark (percent)", edits_table),
+              ("Sequential editing (percent)", pd.concat(list(seq.values()), ignore_index=True)[
+                  [c for c in ("method", "n_edits", "es", "ps", "ns", "specificity", "fluency", "update_rel",
+                               "collapsed") if c in next(iter(seq.values()))]].round(2)),
               ("Unlearning the canaries", unlearn_table.drop(columns=[c for c in ("seconds",) if c in unlearn_table])
                .round(3))]
     return _write_report(
@@ -342,6 +356,34 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
         settings={**run.config, "investigation": o},
         footer="Tables: the <code>*.parquet</code> files next to this page and in <code>edit/</code>; the model: "
                "<code>run/</code>.")
+
+
+def _sequential_section(out, lm, world, o, rome_layer, memit_layers, memit_config, progress, log) -> dict:
+    """ROME, r-ROME, MEMIT and AlphaEdit on ``o["sequential"]`` edits each (resumable under ``out/sequential/``)."""
+    import dataclasses
+
+    from .edit.rome import EditConfig, context_templates, key_second_moment
+    from .edit.sequential import sequential_edits, sequential_requests
+
+    n = o["sequential"]
+    records, preserved = sequential_requests(world, n, seed=o["seed"])
+    text = world.training_text()
+    C = {l: key_second_moment(lm, text, l) for l in sorted({rome_layer, *memit_layers})}
+    starts = ["The", "Therefore", "Because", "I", "You"] if o["kind"] == "gpt2" else None
+    rome_cfg = EditConfig(context_templates=context_templates(lm, seed=o["seed"]))
+    batch_cfg = dataclasses.replace(memit_config, context_templates=context_templates(
+        lm, ((10, 5),), starts=starts, seed=o["seed"]))
+    batch = max(1, n // 4)
+    t0 = time.perf_counter()
+    tables = {}
+    for m in ("rome", "r-rome", "memit", "alphaedit"):
+        single = m in ("rome", "r-rome")
+        layers = [rome_layer] if single else list(memit_layers)
+        tables[m] = sequential_edits(lm, records, m, batch=None if single else batch, every=batch, layers=layers,
+                                     C={l: C[l] for l in layers}, config=rome_cfg if single else batch_cfg,
+                                     preserved=preserved, out=out / "sequential" / m, progress=progress)
+    log(f"sequential editing: {time.perf_counter() - t0:.1f} s")
+    return tables
 
 
 def _lm_findings(s, ex, traces, kn, effects, edits, unlearn, hase=None) -> list[str]:

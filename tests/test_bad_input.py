@@ -316,6 +316,13 @@ CLI_CASES = [
     ("unlearn-out-is-a-file", ["unlearn", "{root}/run", "--out", "{root}/afile"], ["'--out'", "must be a folder"]),
     ("unlearn-no-run", ["unlearn", "{root}/nowhere"], ["nowhere is not a memloc run"]),
     # edit (checked before any model is loaded)
+    ("edit-sequential-zero", ["edit", "{root}/nowhere", "--sequential", "0"], ["'--sequential'", r"\[1, inf\)"]),
+    ("edit-batch-without-sequential", ["edit", "{root}/nowhere", "--batch", "10"], ["--batch and --every go with"]),
+    ("edit-rome-batch", ["edit", "{root}/nowhere", "--sequential", "10", "--batch", "5"],
+     ["one fact at a time", "memit or alphaedit"]),
+    ("edit-threshold-negative", ["edit", "{root}/nowhere", "--sequential", "10", "--method", "alphaedit",
+                                 "--threshold", "-1"], ["'--threshold'", r"\[0, inf\)"]),
+    ("edit-method-unknown", ["edit", "{root}/nowhere", "--method", "emmet"], ["--method", "invalid choice", "alphaedit"]),
     ("edit-v-steps-negative", ["edit", "{root}/nowhere", "--v-steps", "-3"], ["'--v-steps'", r"int in \[1, inf\)"]),
     ("edit-v-steps-zero", ["edit", "{root}/nowhere", "--v-steps", "0"], ["'--v-steps'", r"\[1, inf\)"]),
     ("edit-clamp-nan", ["edit", "{root}/nowhere", "--clamp", "nan"], ["'--clamp'", "finite number"]),

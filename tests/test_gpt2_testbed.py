@@ -53,6 +53,24 @@ def test_tokenizer_prepends_bos_and_keeps_names_whole():
         train_bpe_tokenizer(["a b"], 10)
 
 
+def test_split_names_tokenizer_never_saw_the_names():
+    from memloc.models.gpt2 import tokenizer_texts, train_bpe_tokenizer
+
+    w = make_bio_world(n_people=60, n_first=12, n_last=12, n_canaries=3, seed=0)
+    text = w.training_text()
+    renamed = tokenizer_texts(text, w)
+    parts = {p for n in w.subjects + [c.name for c in w.canaries] for p in n.split()}
+    assert len(renamed) == len(text) and not any(p in t.split() for p in parts for t in renamed)
+    # only the names changed: the same words once names are taken out
+    for a, b in zip(text, renamed):
+        wa, wb = a.split(), b.split()
+        assert len(wa) == len(wb) and all(x == y or x.rstrip(".") in parts for x, y in zip(wa, wb))
+    whole, split = train_bpe_tokenizer(text, 1024), train_bpe_tokenizer(renamed, 1024)
+    n_whole = [len(whole.tokenize(" " + s)) for s in w.subjects]
+    n_split = [len(split.tokenize(" " + s)) for s in w.subjects]
+    assert np.mean(n_whole) < 2.5 and min(n_split) >= 3 and np.mean(n_split) > np.mean(n_whole) + 2
+
+
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory):
     from memloc.models.gpt2 import train_gpt2

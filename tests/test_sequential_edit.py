@@ -1,6 +1,5 @@
 """r-ROME's consistent keys, kmeng01/rome's context templates, AlphaEdit's null-space projection and the sequential
 editing harness, on the word testbed (shared session fixture)."""
-import dataclasses
 
 import pytest
 import torch
@@ -189,3 +188,16 @@ def test_sequential_harness_checkpoints_resumes_and_restores(bed, tmp_path, monk
     with pytest.raises(ValueError, match="needs C"):
         sequential_edits(h, recs, "alphaedit", layers=[0])
     assert _same(before, _state(model))
+
+
+def test_sequential_cli_prints_the_table_and_refuses_other_settings(lm_testbed, tmp_path, capsys):
+    from memloc.cli import main
+
+    args = ["edit", str(lm_testbed.path), "--sequential", "4", "--method", "memit", "--batch", "2",
+            "--memit-layers", "0", "--prefixes", "none", "--out", str(tmp_path / "seq"), "--quiet"]
+    main(args)
+    text = capsys.readouterr().out
+    assert "sequential memit" in text and "specificity" in text and "n_edits" in text
+    assert (tmp_path / "seq" / "checkpoints.parquet").exists() and (tmp_path / "seq" / "sequential.png").exists()
+    assert main(args[:6] + ["--batch", "4"] + args[8:]) == 2  # a user error: one line, exit status 2
+    assert "other settings" in capsys.readouterr().err

@@ -21,7 +21,8 @@ One row per checkpoint (``checkpoints.parquet``), in percent where a rate:
 
 One row per edit (``edits.parquet``): its batch, ``edit_norm`` (``|Delta W|_F`` of its batch over all layers),
 ``took`` (greedy decoding gives the new target right after its batch), entropies before / after and ``flag``
-(``collapse`` when the continuation's entropy fell below half: a disabling edit), ``nll_end``, and for ROME the
+(of a 50-token greedy continuation of its rewrite prompt; ``collapse`` when the entropy fell below half: a disabling
+edit), ``nll_end``, and for ROME the
 update's ``denominator`` ``k^T u``.
 
 Resumable: ``out`` holds the accumulated weight deltas (and AlphaEdit's earlier keys) at the last checkpoint; a rerun
@@ -84,8 +85,9 @@ def _fingerprint(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _entropies(lm, texts: Sequence[str], max_len: int = 100) -> list[float]:
-    """ROME's n-gram entropy (x100) of a greedy continuation of each text, batched."""
+def _entropies(lm, texts: Sequence[str], max_len: int = 50) -> list[float]:
+    """ROME's n-gram entropy (x100) of a greedy continuation of each text up to ``max_len`` tokens in all (the
+    per-edit collapse check: shorter than the checkpoints' 100-token fluency), batched."""
     from .evaluate import ngram_entropy
 
     if not texts:
@@ -103,7 +105,7 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
                      every: int | None = None, layers: Sequence[int] | None = None, C: dict | None = None,
                      config=None, preserved: Sequence[tuple[str, str]] = (), threshold: float = 2e-2,
                      fluency_n: int = 20, out: str | Path | None = None, overwrite: bool = False,
-                     progress: bool = True) -> pd.DataFrame:
+                     until: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Apply the first ``n`` of ``records`` (:class:`~memloc.data.records.EditRecord`, e.g. from
     :func:`sequential_requests`) in order, ``batch`` at a time, evaluating every ``every`` edits (module
     docstring). Returns the checkpoint table (``attrs["edits"]``: the per-edit table; ``attrs["settings"]``).
@@ -114,7 +116,9 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
     missing). ``config``: an :class:`~memloc.edit.rome.EditConfig` (default: ROME's, or MEMIT's for the batch
     methods; r-ROME sets ``keys="prefix"``). ``threshold``: AlphaEdit's null-space threshold. ``preserved``:
     ``(prompt, target)`` facts no record edits (specificity). ``out``: a folder to resume from and write
-    ``checkpoints.parquet``, ``edits.parquet`` and ``sequential.png`` into."""
+    ``checkpoints.parquet``, ``edits.parquet`` and ``sequential.png`` into. ``until``: stop at the first checkpoint
+    at or after this many edits (a long sequence in several sittings: a later call with the same settings and a
+    larger ``until``, or none, continues from there; not a setting)."""
     import dataclasses
 
     from tqdm.auto import tqdm
@@ -137,6 +141,8 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
     number("batch", batch, lo=1, integer=True)
     every = max(batch, n // 10) if every is None else every
     number("every", every, lo=1, integer=True)
+    number("until", until, lo=1, integer=True, none_ok=True)
+    stop = n if until is None else min(n, until)
     if every % batch:
         raise ConfigError(f"every ({every}) must be a multiple of batch ({batch}).")
     layers = [int(l) for l in (layers if layers is not None else [0])]
@@ -162,7 +168,7 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
                 "covariance": {str(l): f"data ({getattr(C[l], 'count', '?')} tokens)" for l in sorted(C) if l in layers},
                 "records": hashlib.sha1(repr([(r.case_id, r.prompt, r.subject, r.target_new) for r in records])
                                         .encode()).hexdigest()[:16],
-                "preserved": len(preserved), "fluency_n": fluency_n, "model": _fingerprint(W0), **lm.settings}
+                "preserved": len(preserved), "fluency_n": fluency_n, **lm.settings, "weights": _fingerprint(W0)}
 
     space = null_space({l: C[l] for l in layers}, threshold) if method == "alphaedit" else None
     ckpts: list[dict] = []
@@ -205,10 +211,10 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
         return row
 
     t_total = sum(r_.get("seconds", 0.0) for r_ in rows)
-    bar = tqdm(total=n, initial=done, desc=f"sequential {method}", disable=not progress)
+    bar = tqdm(total=stop, initial=min(done, stop), desc=f"sequential {method}", disable=not progress)
     try:
         set_weights()
-        while done < n:
+        while done < stop:
             chunk = records[done:done + batch]
             reqs = [r.request() for r in chunk]
             before = _entropies(lm, [r.text for r in chunk])

@@ -19,6 +19,8 @@ character offsets) or memloc's :class:`~memloc.data.facts.WordTokenizer`. It own
 """
 from __future__ import annotations
 
+import contextlib
+
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,8 +113,9 @@ class LM:
         except Exception as e:  # noqa: BLE001 - any failure: say where the tokenizer was looked for
             raise ValueError(f"No tokenizer could be loaded from {tok_src} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]}); pass --tokenizer / tokenizer_dir.") from None
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=local, dtype=dtype,
-                                                               attn_implementation="eager")
+        with quiet_hf(not local):  # a local folder loads at once: no "Loading weights" bar per call
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=local, dtype=dtype,
+                                                                   attn_implementation="eager")
         arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
         model = TransformerBridge.boot_transformers(getattr(hf.config, "_name_or_path", None) or str(path),
                                                     hf_model=hf.eval(), tokenizer=tok, device=dev, dtype=dtype)
@@ -341,6 +344,21 @@ class LM:
                     if all(done):
                         break
         return out
+
+
+@contextlib.contextmanager
+def quiet_hf(bars: bool = False):
+    """Hugging Face's progress bars off inside the block (unless ``bars``), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def as_lm(model_or_lm, tokenizer=None, prepend_bos: bool | None = None) -> LM:
