@@ -175,6 +175,8 @@ def main():
     if a.table:
         print(markdown(json.loads(RESULTS.read_text())))
         return
+    from memloc.results import write_json
+
     torch.set_num_threads(a.threads)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"designs": {}}
     for name in a.designs.split(","):
@@ -185,10 +187,7 @@ def main():
 
         def save():
             results["machine"] = f"{a.threads} torch threads, CPU"
-            RESULTS.parent.mkdir(exist_ok=True)
-            tmp = RESULTS.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results, indent=1, default=float))
-            tmp.replace(RESULTS)
+            write_json(results, RESULTS)
 
         t0 = time.perf_counter()
         evaluate(name, w, t, Path(a.work), entry, save)

@@ -50,8 +50,9 @@ def main():
         return
     torch.set_num_threads(a.threads)
     from memloc.data.bios import make_bio_world
-    from memloc.edit.rome import EditConfig, context_templates, key_second_moment
-    from memloc.edit.sequential import sequential_edits, sequential_requests
+    from memloc.edit.rome import EditConfig, key_second_moment
+    from memloc.edit.sequential import reference_templates, sequential_edits, sequential_requests
+    from memloc.results import write_json
     from memloc.models.gpt2 import EDIT_LAYERS, GPT2_MEMIT, train_gpt2
 
     work = Path(a.work)
@@ -74,11 +75,9 @@ def main():
         for l in layers:
             if l not in C:
                 C[l] = key_second_moment(lm, text, l)
-        if single:
-            cfg = EditConfig(context_templates=context_templates(lm, seed=0))
-        else:
-            cfg = EditConfig.memit(**GPT2_MEMIT, context_templates=context_templates(
-                lm, ((10, 5),), starts=["The", "Therefore", "Because", "I", "You"], seed=0))
+        templates = reference_templates(lm, m, seed=0)
+        cfg = (EditConfig(context_templates=templates) if single
+               else EditConfig.memit(**GPT2_MEMIT, context_templates=templates))
         t0 = time.perf_counter()
         table = sequential_edits(lm, records, m, batch=None, every=50 if single else 100, layers=layers,
                                  C={l: C[l] for l in layers}, config=cfg, preserved=preserved,
@@ -103,10 +102,7 @@ def main():
             entry["lambda"] = cfg.mom2_update_weight
         entry["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "context_templates"}
         results["methods"][m] = entry
-        RESULTS.parent.mkdir(exist_ok=True)
-        tmp = RESULTS.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=float))
-        tmp.replace(RESULTS)
+        write_json(results, RESULTS)
         print(m, json.dumps({k: v for k, v in entry.items() if k != "checkpoints"}, default=float))
     print(markdown(results))
 

@@ -752,8 +752,8 @@ def _edit_sequential(a: argparse.Namespace, run, lm, world) -> None:
     """`memloc edit RUN --sequential N --method M [--batch B]`: the sequential-editing harness on the run's world."""
     import dataclasses
 
-    from .edit.rome import EditConfig, context_templates, key_second_moment
-    from .edit.sequential import sequential_edits, sequential_requests
+    from .edit.rome import EditConfig, key_second_moment
+    from .edit.sequential import reference_templates, sequential_edits, sequential_requests
 
     single = a.method in ("rome", "r-rome")
     layers = [a.layer] if single else [int(x) for x in a.memit_layers.split(",")]
@@ -762,15 +762,11 @@ def _edit_sequential(a: argparse.Namespace, run, lm, world) -> None:
     C = {l: key_second_moment(lm, text, l) for l in layers}
     if single:
         cfg = EditConfig(v_steps=a.v_steps, clamp_norm_factor=a.clamp)
-        starts, lengths = None, ((5, 10), (10, 10))  # kmeng01/rome's 20 generated prefixes
     else:
         from .models.gpt2 import GPT2_MEMIT
         cfg = EditConfig.memit(**(GPT2_MEMIT if run.kind == "gpt2" else {}))
-        starts, lengths = ["The", "Therefore", "Because", "I", "You"], ((10, 5),)  # MEMIT / AlphaEdit's
     if a.prefixes == "generated":
-        if run.kind != "gpt2":
-            starts = None  # the word testbed's vocabulary: start from BOS
-        cfg = dataclasses.replace(cfg, context_templates=context_templates(lm, lengths, starts=starts, seed=a.seed))
+        cfg = dataclasses.replace(cfg, context_templates=reference_templates(lm, a.method, a.seed))
     out = Path(a.out or run.path / f"sequential_{a.method}")
     table = sequential_edits(lm, records, a.method, batch=a.batch, every=a.every, layers=layers, C=C, config=cfg,
                              preserved=preserved, threshold=a.threshold, out=out, overwrite=a.overwrite,

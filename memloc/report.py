@@ -362,17 +362,15 @@ def _sequential_section(out, lm, world, o, rome_layer, memit_layers, memit_confi
     """ROME, r-ROME, MEMIT and AlphaEdit on ``o["sequential"]`` edits each (resumable under ``out/sequential/``)."""
     import dataclasses
 
-    from .edit.rome import EditConfig, context_templates, key_second_moment
-    from .edit.sequential import sequential_edits, sequential_requests
+    from .edit.rome import EditConfig, key_second_moment
+    from .edit.sequential import reference_templates, sequential_edits, sequential_requests
 
     n = o["sequential"]
     records, preserved = sequential_requests(world, n, seed=o["seed"])
     text = world.training_text()
     C = {l: key_second_moment(lm, text, l) for l in sorted({rome_layer, *memit_layers})}
-    starts = ["The", "Therefore", "Because", "I", "You"] if o["kind"] == "gpt2" else None
-    rome_cfg = EditConfig(context_templates=context_templates(lm, seed=o["seed"]))
-    batch_cfg = dataclasses.replace(memit_config, context_templates=context_templates(
-        lm, ((10, 5),), starts=starts, seed=o["seed"]))
+    rome_cfg = EditConfig(context_templates=reference_templates(lm, "rome", o["seed"]))
+    batch_cfg = dataclasses.replace(memit_config, context_templates=reference_templates(lm, "memit", o["seed"]))
     batch = max(1, n // 4)
     t0 = time.perf_counter()
     tables = {}

@@ -183,6 +183,9 @@ def test_sequential_harness_checkpoints_resumes_and_restores(bed, tmp_path, monk
     assert len(r.attrs["edits"]) == 3 and r.attrs["edits"].denominator.notna().all()
     plain = sequential_edits(h, recs[:3], "rome", every=3, layers=[0], C={0: C[0]}, progress=False)
     assert plain.es.iloc[-1] > 60 and list(plain.attrs["edits"].edit) == [0, 1, 2]
+    part = sequential_edits(h, recs, "memit", batch=2, every=4, layers=[0], C={0: C[0]}, config=cfg, until=3,
+                            progress=False)
+    assert list(part.n_edits) == [4] and len(part.attrs["edits"]) == 4  # until stops at a checkpoint, not between
     with pytest.raises(ValueError, match="batch must be 1"):
         sequential_edits(h, recs, "rome", batch=2, layers=[0])
     with pytest.raises(ValueError, match="needs C"):

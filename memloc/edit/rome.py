@@ -327,19 +327,22 @@ def _at_subject(lm, prompts: Sequence[tuple[str, str]], sites: Sequence[str]) ->
     return [got[site][rows, pos].double() for site in sites]
 
 
+def _template_means(lm, reqs: Sequence[Request], sites: Sequence[str], cfg: EditConfig) -> list[torch.Tensor]:
+    """Each site's output ``[n, d]`` at each request's subject's last token, averaged over the context templates."""
+    prompts = [(c.format(r.prompt), r.subject) for r in reqs for c in cfg.context_templates]
+    return [x.view(len(reqs), len(cfg.context_templates), -1).mean(1) for x in _at_subject(lm, prompts, sites)]
+
+
 def _mean_keys(lm, reqs: Sequence[Request], layer: int, cfg: EditConfig) -> torch.Tensor:
     """``[n, d_mlp]``: each request's key at the subject's last token, averaged over the context templates."""
-    prompts = [(c.format(r.prompt), r.subject) for r in reqs for c in cfg.context_templates]
-    k, = _at_subject(lm, prompts, [KEY.format(layer)])
-    return k.view(len(reqs), len(cfg.context_templates), -1).mean(1)
+    return _template_means(lm, reqs, [KEY.format(layer)], cfg)[0]
 
 
 def _template_kv(lm, req: Request, layer: int, cfg: EditConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value at the subject's last token, each averaged over the context templates (r-ROME's ``k*`` and
     the mean current value ``W k* + b``)."""
-    prompts = [(c.format(req.prompt), req.subject) for c in cfg.context_templates]
-    k, v = _at_subject(lm, prompts, [KEY.format(layer), VALUE.format(layer)])
-    return k.mean(0), v.mean(0)
+    k, v = _template_means(lm, [req], [KEY.format(layer), VALUE.format(layer)], cfg)
+    return k[0], v[0]
 
 
 def context_templates(lm, length_params: Sequence[tuple[int, int]] = ((5, 10), (10, 10)), top_k: int = 5,
@@ -581,20 +584,20 @@ def _batch_edit(lm, requests, layers, C, config, space, progress, outcomes) -> E
 
     lm = _lm(lm)
     model = lm.model
-    method = "memit" if space is None else "alphaedit"
-    require_eval(model, method.upper() if space is None else "AlphaEdit")
+    method, shown = ("memit", "MEMIT") if space is None else ("alphaedit", "AlphaEdit")
+    require_eval(model, shown)
     cfg = config or EditConfig.memit()
     requests, layers = list(requests), sorted(int(l) for l in layers)
     _check_words(lm, requests)
     if not requests or not layers:
-        raise ValueError(f"{method} needs at least one request and one layer.")
+        raise ValueError(f"{shown} needs at least one request and one layer.")
     for l in layers:
         _check_layer(lm, l)
     if space is not None and set(layers) - set(space.P):
         raise ValueError(f"The null space covers layers {sorted(space.P)}; the edit asks for {layers}.")
     L = layers[-1]
     zs, infos, hs = [], [], []
-    for r in tqdm(requests, desc=f"{method} targets", disable=not progress, leave=False):
+    for r in tqdm(requests, desc=f"{shown} targets", disable=not progress, leave=False):
         z, info, h = _optimize_target(lm, r, RESID.format(L), cfg)
         zs.append(z)
         infos.append(info)

@@ -42,7 +42,7 @@ import torch
 
 from ..results import make_result
 
-__all__ = ["METHODS", "sequential_edits", "plot_sequential", "sequential_requests"]
+__all__ = ["METHODS", "sequential_edits", "plot_sequential", "sequential_requests", "reference_templates"]
 
 METHODS = ("rome", "r-rome", "memit", "alphaedit")
 METRICS = ("es", "ps", "ns", "specificity", "fluency", "update_rel")
@@ -75,6 +75,20 @@ def sequential_requests(world, n: int, seed: int = 0, hold_out: float = 0.2, n_n
                             subjects=editable)
     preserved = [(world.prompts(f)[0], f.object) for f in world.facts if f.subject in held]
     return records, preserved
+
+
+MEMIT_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+def reference_templates(lm, method: str, seed: int = 0) -> tuple[str, ...]:
+    """The reference implementations' context templates for ``method``: kmeng01/rome's 21 (``"{}"`` and 20 prefixes
+    sampled from BOS) for ROME and r-ROME; MEMIT's and AlphaEdit's 6 (5 sampled from :data:`MEMIT_STARTS`, or from
+    BOS with memloc's word tokenizer, whose vocabulary may lack those words) for the batch methods."""
+    from .rome import context_templates
+
+    if method in ("rome", "r-rome"):
+        return context_templates(lm, seed=seed)
+    return context_templates(lm, ((10, 5),), starts=None if getattr(lm, "word", False) else MEMIT_STARTS, seed=seed)
 
 
 def _fingerprint(params: dict[str, torch.Tensor]) -> str:
@@ -142,9 +156,9 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
     every = max(batch, n // 10) if every is None else every
     number("every", every, lo=1, integer=True)
     number("until", until, lo=1, integer=True, none_ok=True)
-    stop = n if until is None else min(n, until)
     if every % batch:
         raise ConfigError(f"every ({every}) must be a multiple of batch ({batch}).")
+    stop = n if until is None else min(n, -(-until // every) * every)  # the first checkpoint at or after until
     layers = [int(l) for l in (layers if layers is not None else [0])]
     if single:
         layers = layers[:1]
@@ -184,9 +198,8 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
                 params[nm].copy_(W0[nm] + acc[nm])
 
     # the unedited model's answers on the preserved facts and its fluency
-    base_ok = None
-    if preserved:
-        base_ok = lm.score([p for p, _ in preserved], [t for _, t in preserved])["exact"]
+    kept_prompts, kept_targets = [p for p, _ in preserved], [t for _, t in preserved]
+    base_ok = lm.score(kept_prompts, kept_targets)["exact"] if preserved else None
     flu_recs = records[:fluency_n]
     flu_prompts = [p for r in flu_recs for p in r.generation_prompts[:1]]
 
@@ -197,7 +210,7 @@ def sequential_edits(lm, records, method: str = "memit", n: int | None = None, b
                "top1": 100 * df.top1.mean(), "ns": 100 * df.ns.mean(), "other_acc": 100 * df.other_acc.mean(),
                "es_last": 100 * last_df.es.mean()}
         if preserved:
-            now = lm.score([p for p, _ in preserved], [t for _, t in preserved])["exact"]
+            now = lm.score(kept_prompts, kept_targets)["exact"]
             row["specificity"] = 100 * float(now[base_ok].mean()) if base_ok.any() else float("nan")
             row["preserved_acc"] = 100 * float(now.mean())
         if flu_prompts:
