@@ -386,7 +386,7 @@ def train_lm_oracle(run, split: LMSplit, out: str | Path | None = None, progress
 
         retained = _RetainedWorld(**kept, vocab=[])
         oracle = train_gpt2(retained, out, texts=retain_text, tokenizer_dir=run.path, progress=progress,
-                            **{k: c[k] for k in GPT2_DEFAULTS})
+                            **{k: c[k] for k in GPT2_DEFAULTS if k in c})  # a run older than a setting: its default
         if oracle.config["n_layers"] != c["n_layers"] or oracle.config["d_model"] != c["d_model"]:
             raise RuntimeError("The oracle's architecture differs from the run's.")
     else:
