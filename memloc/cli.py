@@ -880,6 +880,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-units", type=int, default=64, help="ablate: cap on zeroed units per example")
     _add_common(p)
 
+    p = sub.add_parser("localize-bench", help="does a localizer find memorization where it is? INJ (injected units) "
+                                              "and DEL (drop the top units) benchmarks, Chang et al. 2024")
+    p.add_argument("run", help="a finished classifier run or language-model run folder")
+    p.add_argument("--kind", required=True, choices=["inj", "del"])
+    p.add_argument("--methods", default=None, help="comma-separated localizers (default: all that apply; "
+                   "hardconcrete, slimming, zero_out, ig, activations, greedy (classifiers), random)")
+    p.add_argument("--fractions", default=None, help="DEL: comma-separated fractions of each layer's units removed")
+    p.add_argument("--ratio", type=float, default=None, help="INJ: share of each layer's units injected "
+                   "(classifiers 0.05, language models 0.02)")
+    p.add_argument("--n", type=int, default=None, help="INJ: fresh examples / texts (20 / 5); DEL: targets (20 / 10)")
+    p.add_argument("--out", default=None, help="folder for the table and plot (default RUN/localize_bench_KIND)")
+    p.add_argument("--overwrite", action="store_true", help="recompute into an output folder made with other settings")
+    _add_common(p, model_factory=False)
+
     p = sub.add_parser("probe", help="what memorizing layers look like: similarity, dimension, k-NN probes")
     p.add_argument("run", help="a finished run folder (model A)")
     p.add_argument("--against", default=None,
@@ -1019,7 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parser.parse_args(argv)
     commands = {"train": _train_from_args, "investigate": _investigate, "locate": _locate, "probe": _probe,
-                "scores": _scores, "sweep": _sweep, "lm": _lm, "edit": _edit, "unlearn": _unlearn,
+                "scores": _scores, "sweep": _sweep, "localize-bench": _localize_bench, "lm": _lm, "edit": _edit, "unlearn": _unlearn,
                 "summary": _summary}
     try:
         _check_common(a)
@@ -1063,6 +1077,50 @@ def _check_common(a: argparse.Namespace) -> None:
         value = getattr(a, flag, None)
         if value and Path(value).exists() and not Path(value).is_dir():
             raise OutputExistsError(f"The '--{flag}' parameter must be a folder; {value} is a file.")
+
+
+def _localize_bench(a: argparse.Namespace) -> None:
+    """INJ / DEL on a run folder (memloc.locate.groundtruth): table, plot and the printed summary."""
+    from .locate.groundtruth import METHODS, describe_groundtruth, plot_groundtruth, run_groundtruth
+    from .results import save_result
+    from .validate import choice, claim_output, number
+
+    run = Path(a.run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a run folder.")
+    methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
+    for m in methods or []:
+        choice("--methods", m, METHODS)
+    if (run / "world.json").exists() and "greedy" in (methods or []):
+        raise ValueError("--methods greedy localizes classifier examples; this is a language-model run (use "
+                         "hardconcrete, slimming, zero_out, ig, activations, random).")
+    if not (run / "world.json").exists() and not (run / "config.json").exists():
+        raise FileNotFoundError(f"{run} is not a memloc run (no config.json).")
+    fractions = None
+    if a.fractions:
+        try:
+            fractions = [float(f) for f in a.fractions.split(",")]
+        except ValueError:
+            raise ValueError(f"--fractions must be comma-separated numbers in (0, 1]; got {a.fractions!r}.") from None
+        for f in fractions:
+            number("--fractions", f, lo=0.0, hi=1.0, lo_open=True)
+    if a.ratio is not None:
+        number("--ratio", a.ratio, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    if a.n is not None:
+        number("--n", a.n, lo=1, integer=True)
+    out = Path(a.out) if a.out else run / f"localize_bench_{a.kind}"
+    settings = {"kind": a.kind, "methods": methods, "fractions": fractions, "ratio": a.ratio, "n": a.n,
+                "seed": a.seed}
+    claim_output(out, "localize-bench", settings, overwrite=a.overwrite)
+    from .hooks import resolve_device
+
+    table = run_groundtruth(run, a.kind, methods, fractions, a.ratio, a.n, seed=a.seed, progress=not a.quiet,
+                            device=str(resolve_device(a.device)))
+    save_result(table, out / f"{a.kind}.parquet")
+    fig = plot_groundtruth(table)
+    fig.savefig(out / f"{a.kind}.png", dpi=120)
+    print(describe_groundtruth(table))
+    print(f"wrote {out}/{a.kind}.parquet and {a.kind}.png")
 
 
 def _sweep(a: argparse.Namespace) -> None:

@@ -75,3 +75,23 @@ def test_locate_cli_writes_tables_and_figures(tmp_path, capsys):
         assert (tmp_path / "r" / "locate" / f"{method}.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["locate", run, "--method", "rewind", "--layers", "layers.9", "--quiet"]) == 2
     assert "no layer 'layers.9'" in capsys.readouterr().err
+
+
+def test_localize_bench_cli(small_run, tmp_path, capsys):
+    out = str(tmp_path / "inj")
+    assert main(["localize-bench", str(small_run.path), "--kind", "inj", "--methods", "zero_out,random", "--n", "5",
+                 "--ratio", "0.1", "--out", out, "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "recall" in text and "'ratio': 0.1" in text and "zero_out" in text
+    assert (tmp_path / "inj" / "inj.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["localize-bench", str(small_run.path), "--kind", "inj", "--methods", "zero_out", "--n", "5",
+                 "--out", out, "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    out = str(tmp_path / "del")
+    assert main(["localize-bench", str(small_run.path), "--kind", "del", "--methods", "activations,random", "--n", "3",
+                 "--fractions", "0.05", "--out", out, "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "forgot" in text and "collateral" in text and "unablated" in text
+    from memloc.results import load_result
+    t = load_result(tmp_path / "del" / "del.parquet")
+    assert set(t.method) == {"activations", "random"} and len(t) == 6

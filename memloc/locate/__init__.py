@@ -5,7 +5,9 @@
 - :func:`greedy_flip` / :func:`ablate_examples`: how many units must be zeroed to flip an example?
 - :func:`dropout_accuracies`: example-tied dropout, memorization units kept or dropped.
 
-Knowledge neurons and causal tracing for language models come with issue 6.
+- :mod:`.localize`: one interface for localizers (HardConcrete, Slimming, Zero-Out, IG, activations, greedy);
+  :mod:`.groundtruth`: the INJ and DEL benchmarks that score them (Chang et al. 2024).
+- :mod:`.knowledge` and :mod:`.trace`: knowledge neurons and causal tracing for language models.
 """
 from .ablate import ablate_examples, find_units, greedy_flip, summarize_flips
 from .dropout import dropout_accuracies
