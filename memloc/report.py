@@ -22,7 +22,8 @@ from .results import atomic_path, load_result, make_result, save_result
 __all__ = ["investigate", "DEFAULTS"]
 
 DEFAULTS = {"dataset": "mnist1d", "model": "cnn1d", "noise": 0.1, "seed": 0, "ablate_per_group": 100,
-            "curvature_checkpoints": 10, "probe_examples": 2000}
+            "curvature_checkpoints": 10, "probe_examples": 2000, "inj_examples": 20, "inj_ratio": 0.05,
+            "del_targets": 10}
 
 
 def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[str], None],
@@ -105,6 +106,15 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     rt = _step(out, "retrain", lambda: locate.retrain_layers(run, progress=progress), log)
     ab = _step(out, "ablate", lambda: locate.ablate_examples(run, o["ablate_per_group"], progress=progress), log,
                {"n_per_group": o["ablate_per_group"]})
+    from .locate import groundtruth as gt
+
+    inj = _step(out, "localize_inj", lambda: gt.or_skipped(lambda: gt.injection_benchmark(run, ratio=o["inj_ratio"],
+                                                                    n_examples=o["inj_examples"], seed=o["seed"],
+                                                                    progress=progress)), log,
+                {"n_examples": o["inj_examples"], "ratio": o["inj_ratio"]})
+    dele = _step(out, "localize_del", lambda: gt.or_skipped(lambda: gt.deletion_benchmark(
+        run, n_targets=o["del_targets"], seed=o["seed"], progress=progress)), log,
+                 {"n_targets": o["del_targets"]})
     kw = dict(max_examples=o["probe_examples"], seed=o["seed"])
     import warnings
     with warnings.catch_warnings():
@@ -127,14 +137,22 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
         "similarity.png": lambda: plots.plot_layer_similarity(heat, same),
         "dimension.png": lambda: plots.plot_layer_dimensions(dim),
         "knn.png": lambda: plots.plot_knn_probe(knn),
+        "localize_inj.png": lambda: gt.plot_groundtruth(inj),
+        "localize_del.png": lambda: gt.plot_groundtruth(dele),
     }
-    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn)
+    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn) + gt.groundtruth_findings(inj, dele)
     sections = [("Training", "learning_curves.png", "Accuracy and loss per epoch; noisy accuracy is against the flipped labels."),
                 ("Which examples are memorized", "scores.png", "Per-example scores, clean vs flipped, with their AUROC."),
                 ("Most and least memorized examples", "gallery.png", "Red titles: flipped labels."),
                 ("Layer rewinding", "rewind.png", "Each layer put back to an earlier checkpoint in the final model."),
                 ("Layer retraining", "retrain.png", "One layer reset to initialisation and retrained on clean examples, all others frozen."),
                 ("Greedy neuron ablation", "ablate.png", "Units zeroed until an example's prediction flips."),
+                ("Do localizers find injected memorization? (INJ)", "localize_inj.png",
+                 "Fresh examples with flipped labels fitted by fine-tuning only a random share of each layer's units; "
+                 "recall of those units among each localizer's top k per layer (Chang et al. 2024)."),
+                ("Dropping what the localizers find (DEL)", "localize_del.png",
+                 "Each memorized noisy example's top units per layer zeroed: is it forgotten, are the other memorized "
+                 "examples kept, what does it cost in test accuracy; dashed: as many random units."),
                 ("Memorizing vs clean-label model", "similarity.png", "Layer-by-layer similarity of the two models."),
                 ("Intrinsic dimension", "dimension.png", "TwoNN per layer, all / clean / flipped examples."),
                 ("k-NN probe", "knn.png", "Where class structure is lost for memorized examples.")]
@@ -237,7 +255,7 @@ td,th{{padding:2px 10px;text-align:left}} pre{{background:#f6f6f6;padding:1em;ov
 
 
 LM_DEFAULTS = {"kind": "gpt2", "n_people": 200, "n_subjects": 120, "seed": 0, "trace_facts": 30, "kn_facts": 30,
-               "edits": 50, "hase_facts": 20, "sequential": 40}
+               "edits": 50, "hase_facts": 20, "sequential": 40, "inj_texts": 3, "del_targets": 5}
 """``investigate --preset lm``: the GPT-2 testbed (``kind="word"``: the word-level one) and how much of it to analyse."""
 
 
@@ -313,6 +331,12 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
                                                              progress=progress)[0], log,
                  inputs={"n": o["hase_facts"], "seed": o["seed"]})
     seq = _sequential_section(out, lm, world, o, rome_layer, memit_layers, memit_config, progress, log)
+    from .locate import groundtruth as gt
+
+    inj = _step(out, "localize_inj", lambda: gt.or_skipped(lambda: gt.run_groundtruth(
+        run, "inj", n=o["inj_texts"], seed=o["seed"], progress=progress)), log, {"n": o["inj_texts"]})
+    dele = _step(out, "localize_del", lambda: gt.or_skipped(lambda: gt.run_groundtruth(
+        run, "del", n=o["del_targets"], seed=o["seed"], progress=progress)), log, {"n": o["del_targets"]})
     from .edit.unlearn_lm import compare_lm_unlearning, plot_lm_tradeoff
 
     t0 = time.perf_counter()
@@ -326,7 +350,10 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
     figs["unlearning.png"] = lambda: plot_lm_tradeoff(unlearn_table)
     from .edit.sequential import plot_sequential
     figs["sequential.png"] = lambda: plot_sequential(seq)
+    figs["localize_inj.png"] = lambda: gt.plot_groundtruth(inj)
+    figs["localize_del.png"] = lambda: gt.plot_groundtruth(dele)
     findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table, hase)
+    findings += gt.groundtruth_findings(inj, dele)
     last = pd.DataFrame([t.iloc[-1] for t in seq.values()])
     findings.append(f"Sequential editing ({o['sequential']} edits; ROME and r-ROME one at a time at layer {rome_layer} "
                     f"with 20 generated prefixes, MEMIT and AlphaEdit in batches of {max(1, o['sequential'] // 4)} at "
@@ -340,6 +367,12 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
                  "Per edited fact: tracing's MLP effect at the last subject token (window 1) against ROME's success "
                  "(rewrite + paraphrase margin) at the same layer; per-layer means."),
                 ("Knowledge neurons", "knowledge_neurons.png", "Suppress (x0) and amplify (x2) vs random neurons."),
+                ("Do localizers find injected memorization? (INJ)", "localize_inj.png",
+                 "Unseen texts fitted by fine-tuning only the value vectors of a random 2% of each layer's FFN units; "
+                 "recall of those units among each localizer's top k per layer (Chang et al. 2024)."),
+                ("Dropping what the localizers find (DEL)", "localize_del.png",
+                 "Each memorized training sequence's top FFN units per layer zeroed: its suffix, the other memorized "
+                 "sequences, held-out perplexity; dashed: as many random units."),
                 ("Edits", "edits.png", "ROME single edits (C from data vs identity); MEMIT vs sequential ROME."),
                 ("Sequential editing", "sequential.png", "ROME, r-ROME, MEMIT and AlphaEdit, each edit on the model "
                  "edited so far; specificity of never-edited subjects' facts against the unedited model."),

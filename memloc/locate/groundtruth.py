@@ -259,6 +259,12 @@ def plot_groundtruth(table: pd.DataFrame):
     against the fraction of units removed, one line per method."""
     import matplotlib.pyplot as plt
 
+    if not len(table):  # a benchmark the report had to skip
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "skipped: " + str(table.attrs.get("settings", {}).get("skipped", "no rows")), ha="center",
+                va="center", wrap=True, fontsize=9)
+        return fig
     if table.attrs.get("settings", {}).get("benchmark", table.attrs.get("benchmark")) == "INJ" or "recall" in table:
         s = table.groupby("method", sort=False).recall.agg(["mean", "std"]).fillna(0)
         fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -553,3 +559,42 @@ def describe_groundtruth(table: pd.DataFrame) -> str:
         return f"{head}\nINJ: recall at k of the injected units (k = injected per layer)\n{s.to_string()}"
     return (f"{head}\nunablated: {st.get('unablated')}\nDEL: means over targets\n"
             f"{summarize_deletion(table).round(3).to_string(index=False)}")
+
+
+def or_skipped(fn):
+    """``fn()``, or an empty result saying why the benchmark could not run on this model (e.g. a run that memorized
+    no noisy example): for the reports, which go on with the other sections."""
+    try:
+        return fn()
+    except ConfigError as e:
+        return make_result(pd.DataFrame(), skipped=str(e))
+
+
+def groundtruth_findings(inj: pd.DataFrame | None, dele: pd.DataFrame | None) -> list[str]:
+    """One sentence per benchmark for the reports, with the settings that produced the numbers."""
+    out = []
+    for name, t in (("INJ", inj), ("DEL", dele)):
+        if t is not None and not len(t) and t.attrs.get("settings", {}).get("skipped"):
+            out.append(f"{name} skipped: {t.attrs['settings']['skipped']}")
+    if inj is not None and len(inj):
+        st = inj.attrs.get("settings", {})
+        s = inj.groupby("method", sort=False).recall.mean().sort_values(ascending=False)
+        what = (f"{st.get('n_examples')} fresh examples with flipped labels" if st.get("kind") == "classifier"
+                else f"{st.get('n_texts')} unseen texts")
+        out.append(f"INJ (Chang et al. 2024; {what} injected into a random {st.get('ratio', 0):.0%} of each layer's "
+                   f"units): recall at k of the injected units " + ", ".join(f"{m} {v:.2f}" for m, v in s.items())
+                   + f" (random expectation {inj.baseline.mean():.2f}).")
+    if dele is not None and len(dele):
+        st = dele.attrs.get("settings", {})
+        summ = summarize_deletion(dele)
+        frac = sorted(summ.fraction.unique())[len(summ.fraction.unique()) // 2]
+        row = summ[summ.fraction == frac]
+        if "forgot" in summ:
+            parts = [f"{r.method} {r.forgot:.0%} forgotten / {r.collateral:.0%} kept / test {r.test_acc:.1%}"
+                     for r in row.itertuples()]
+        else:
+            parts = [f"{r.method} exact {r.exact_after:.0%} / others {r.collateral_exact:.0%} / ppl {r.perplexity:.1f}"
+                     for r in row.itertuples()]
+        out.append(f"DEL ({st.get('n_targets')} memorized targets, top {frac:.1%} of each layer's units zeroed per "
+                   f"target; unablated {st.get('unablated')}): " + "; ".join(parts) + ".")
+    return out
