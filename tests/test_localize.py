@@ -95,7 +95,7 @@ def test_language_model_localizers_and_benchmarks(lm):
     inj = injection_benchmark_lm(h, texts, ratio=0.05, methods=["hardconcrete", "zero_out", "random"], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
     r = inj.groupby("method").recall.mean()
-    assert (inj.final_loss < 0.05).all()
+    assert (inj.final_loss < 0.05).all() and inj.extractable.all()
     assert r["zero_out"] >= 4 * inj.baseline.mean() and r["hardconcrete"] >= 4 * inj.baseline.mean()
     mem = memorized_sequences(h, lm.world.training_text(), prefix_tokens=3, suffix_tokens=2)
     held = [f"{p} {f.object}" for f in lm.world.facts for p in lm.world.prompts(f, "heldout")][:30]

@@ -329,7 +329,8 @@ def injection_benchmark_lm(lm, texts: Sequence[str], layers: Sequence[int] | Non
     """INJ for a language model (MemPi's ``inject.py``): for each of ``texts`` (sequences the model never saw), a
     seeded random ``ratio`` of the FFN hidden units of each of ``layers`` is drawn and only their value vectors
     (the MLP output matrix's entries of those units) are fine-tuned (Adam) on the whole text's next-token loss
-    until it is below ``stop_loss`` or ``max_steps``; each localizer ranks the units for that text (its first
+    until it is below ``stop_loss`` or ``max_steps`` (``extractable``: greedy decoding from the first token then
+    reproduces the text); each localizer ranks the units for that text (its first
     token the prefix, as MemPi's INJ) and scores recall at k per layer (k = the number injected there). The
     model is restored bit for bit after each text. One row per text and method: ``recall``, ``baseline``,
     ``final_loss``, ``steps``, ``seconds``."""
@@ -389,6 +390,9 @@ def injection_benchmark_lm(lm, texts: Sequence[str], layers: Sequence[int] | Non
                         w.copy_(torch.where(masks[l], w, saved[l]))
             for w, _ in mats.values():
                 w.requires_grad_(False)
+            with torch.no_grad():
+                (pred, gold), = t1.predictions([0])
+            extractable = pred == gold  # every token right under teacher forcing = greedy extraction
             for meth in methods:
                 table = localize(t1, meth, seed=s, **dict(method_options.get(meth, {})))
                 top = top_units(table, k={k: len(v) for k, v in units.items()})
@@ -396,7 +400,7 @@ def injection_benchmark_lm(lm, texts: Sequence[str], layers: Sequence[int] | Non
                 rows.append({"text": ti, "method": meth, "recall": sum(hits.values()) / sum(map(len, units.values())),
                              "baseline": sum(map(len, units.values())) / (lm.cfg.d_mlp * len(layers)),
                              **{f"recall_L{k.split('.')[1]}": hits[k] / len(units[k]) for k in units},
-                             "final_loss": loss, "steps": step,
+                             "final_loss": loss, "extractable": extractable, "steps": step,
                              "mask_steps": float(np.mean(table.attrs["steps"])) if "steps" in table.attrs else np.nan,
                              "seconds": table.attrs["seconds"]})
         finally:
