@@ -18,10 +18,13 @@ def test_statistics_by_hand():
     # z = (1, -1, -2): the lowest third is -2, the lowest two-thirds average -1.5
     assert minkpp_score(lp, mu, sd, 0.34) == pytest.approx(-2.0)
     assert minkpp_score(lp, mu, sd, 0.67) == pytest.approx(-1.5)
-    assert privleak(0.6, 0.5) == pytest.approx(20.0)
-    assert privleak(0.5, 0.5) == 0.0 and privleak(0.45, 0.5) == pytest.approx(-10.0)
+    # MUSE's sign: a model whose forget set still looks like members (AUC 0.6 vs the retain model's 0.5) leaks:
+    # ((1 - 0.6) - (1 - 0.5)) / (1 - 0.5) x 100 = -20
+    assert privleak(0.6, 0.5) == pytest.approx(-20.0)
+    assert privleak(0.5, 0.5) == 0.0 and privleak(0.45, 0.5) == pytest.approx(10.0)
+    assert privleak(1.0, 0.6) == pytest.approx(-100.0)
     with pytest.raises(ConfigError):
-        privleak(0.5, 0.0)
+        privleak(0.5, 1.0)
 
 
 def test_token_statistics_match_the_model(lm):
@@ -62,5 +65,7 @@ def test_attack_scores_and_auc(lm):
     r = res.set_index("attack")
     assert (r.auc > 0.7).all(), res  # the model memorized its training texts; the fresh ones are counterfactual
     assert r.lowest_fpr.iloc[0] == pytest.approx(1 / 40)
+    per = attack_scores(h, members[:1], ["gradnorm"], gradnorm="per_tensor").gradnorm[0]
+    assert per == pytest.approx(-np.mean([float(x.double().norm()) for x in g if x is not None]), rel=1e-4)
     with pytest.raises(ConfigError, match="reference"):
         attack_scores(h, members[:2], ["reference"])

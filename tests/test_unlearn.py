@@ -231,3 +231,24 @@ def test_cli_prints_the_table_with_its_settings(small_run, tmp_path, capsys):
     assert (out / "noisy" / "rows" / "npo.parquet").exists()
     assert main(["unlearn", str(small_run.path), "--method", "nope", "--out", str(out), "--quiet"]) == 2
     assert "valid methods are" in capsys.readouterr().err
+
+
+def test_relearning_attack_brings_back_what_gradient_ascent_hid_but_not_what_the_oracle_never_saw(setup, oracle):
+    from memloc.edit.unlearn import relearn, relearn_row, relearn_sets
+
+    run, task, split = setup
+    sets = relearn_sets(split.forget, split.retain, 0.5, seed=0)
+    assert not set(sets["relearn"]) & set(sets["held"])
+    assert sorted([*sets["relearn"], *sets["held"]]) == sorted(split.forget)
+    assert len(sets["retain"]) == len(sets["relearn"]) and set(sets["retain"]) <= set(split.retain)
+    o = oracle.model()
+    before = _state(o)
+    moved = relearn(o, task, sets["relearn"], steps=5)
+    assert not _changed(before, _state(o)) and _changed(before, _state(moved))  # the input model is untouched
+    ga, _ = unlearn(run.model(), task, split.forget, split.retain, "grad_ascent", steps=20)
+    r_o, r_ga = relearn_row(o, task, split, {}), relearn_row(ga, task, split, {})
+    # the oracle never saw the flipped labels: relearning half of them teaches nothing about the other half
+    assert r_o["relearn_forget_acc_held"] <= r_o["forget_acc_held_before"] + 0.05
+    # gradient ascent only hid them: 20 steps on half of them bring the other half back
+    assert r_ga["relearn_forget_acc_held"] > r_ga["forget_acc_held_before"] + 0.2
+    assert r_ga["relearn_forget_acc_held"] > r_o["relearn_forget_acc_held"] + 0.5

@@ -13,7 +13,15 @@ the paper's is lower-for-members), so one ROC convention serves all:
   ``p`` (Min-K%++, Zhang et al. 2024).
 - ``reference``: ``-(NLL_target - NLL_reference)`` per token with a second model (Carlini et al. 2021's reference
   calibration; the reference model must share the tokenizer).
-- ``gradnorm``: ``-||grad_theta mean NLL||_2`` over all trainable parameters (members sit at small gradients).
+- ``gradnorm``: ``-||grad_theta mean NLL||_2`` over all trainable parameters (members sit at small gradients);
+  ``gradnorm="per_tensor"``: OpenUnlearning's ``-mean over parameter tensors of ||grad||_2`` (it also runs the
+  model in train mode; memloc keeps eval mode).
+
+OpenUnlearning's scores are the same statistics with the sign flipped (higher = non-member) and its AUC labels the
+holdout as positive, so its AUC equals memloc's (both: P(a member scores as more member-like than a non-member)).
+Departures: Min-K% keeps at least one token (as OpenUnlearning; the original takes ``int(k n)``); OpenUnlearning's
+configs use ``k = 0.4`` (its code default and Shi et al.'s is 0.2, memloc's default); zlib compresses the whole text
+here (OpenUnlearning: the answer only, which is all it scores); OpenUnlearning drops the final (EOS) token.
 
 Scored tokens: every token predicted from the ones before it (the first real token from BOS when the handle
 prepends one, by its policy; without BOS the first token is only conditioned on).
@@ -58,10 +66,17 @@ def zlib_entropy(text: str) -> int:
 
 
 def privleak(auc_unlearned: float, auc_retain: float) -> float:
-    """MUSE's PrivLeak: ``(AUC_unlearned - AUC_retain) / AUC_retain x 100``; 0 = as private as the model that
-    never saw the forget set, negative = "over-unlearned", positive = leaking."""
-    number("auc_retain", auc_retain, lo=0.0, lo_open=True)
-    return float((auc_unlearned - auc_retain) / auc_retain * 100)
+    """MUSE's PrivLeak, ``(AUC_unlearned - AUC_retain) / AUC_retain x 100``, from two forget-vs-holdout AUCs in
+    memloc's convention (higher = the forget set looks like members: 0.5 = cannot tell). MUSE's AUC is the other
+    way round, so, like OpenUnlearning (``privacy.py``: ``score = 1 - AUC``), this computes
+    ``((1 - auc_unlearned) - (1 - auc_retain)) / (1 - auc_retain) x 100``: 0 = as private as the retain model
+    (never shown the forget set), **negative = leaking** (under-unlearned; MUSE's un-unlearned models sit near
+    -100), positive = over-unlearned. Both AUCs should come from the same attack (MUSE / OpenUnlearning: Min-K%,
+    k 0.4)."""
+    number("auc_unlearned", auc_unlearned, lo=0.0, hi=1.0)
+    number("auc_retain", auc_retain, lo=0.0, hi=1.0, hi_open=True)
+    ref = 1.0 - auc_retain
+    return float(((1.0 - auc_unlearned) - ref) / ref * 100)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +110,7 @@ def token_statistics(lm, texts: Sequence[str], batch_size: int = 32) -> list[dic
     return out
 
 
-def _grad_norms(lm, texts: Sequence[str]) -> np.ndarray:
+def _grad_norms(lm, texts: Sequence[str], per_tensor: bool = False) -> np.ndarray:
     from ..models.transformer import lm_loss
     from .lm import _lm
 
@@ -109,12 +124,14 @@ def _grad_norms(lm, texts: Sequence[str]) -> np.ndarray:
         tokens, lengths = lm.batch([t])
         loss = lm_loss(model, tokens.to(lm.device), lengths.to(lm.device))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))))
+        gs = [g.double() for g in grads if g is not None]
+        norms.append(float(torch.stack([g.norm() for g in gs]).mean()) if per_tensor
+                     else float(torch.sqrt(sum((g ** 2).sum() for g in gs))))
     return np.asarray(norms)
 
 
 def attack_scores(lm, texts: Sequence[str], attacks: Sequence[str] = ("loss", "zlib", "mink", "minkpp"),
-                  reference=None, k: float = 0.2, batch_size: int = 32) -> pd.DataFrame:
+                  reference=None, k: float = 0.2, batch_size: int = 32, gradnorm: str = "global") -> pd.DataFrame:
     """One row per text, one membership-score column per attack (higher = member; module docstring)."""
     texts = list(texts)
     if not texts:
@@ -122,6 +139,7 @@ def attack_scores(lm, texts: Sequence[str], attacks: Sequence[str] = ("loss", "z
     for a in attacks:
         choice("attack", a, ATTACKS)
     number("k", k, lo=0.0, hi=1.0, lo_open=True)
+    choice("gradnorm", gradnorm, ("global", "per_tensor"))
     if "reference" in attacks and reference is None:
         raise ConfigError("The reference attack needs reference= (a second LM handle with the same tokenizer).")
     st = token_statistics(lm, texts, batch_size)
@@ -140,13 +158,13 @@ def attack_scores(lm, texts: Sequence[str], attacks: Sequence[str] = ("loss", "z
             raise ConfigError("The reference model tokenizes the texts differently; it must share the tokenizer.")
         df["reference"] = [-(s["nll"] - r["nll"]) for s, r in zip(st, ref)]
     if "gradnorm" in attacks:
-        df["gradnorm"] = -_grad_norms(lm, texts)
+        df["gradnorm"] = -_grad_norms(lm, texts, per_tensor=gradnorm == "per_tensor")
     return df
 
 
 def sequence_attacks(lm, members: Sequence[str], nonmembers: Sequence[str],
                      attacks: Sequence[str] = ("loss", "zlib", "mink", "minkpp", "gradnorm"), reference=None,
-                     k: float = 0.2, batch_size: int = 32) -> pd.DataFrame:
+                     k: float = 0.2, batch_size: int = 32, gradnorm: str = "global") -> pd.DataFrame:
     """Each attack on ``members`` vs ``nonmembers``: one row per attack with ``auc``, ``tpr_at_1%_fpr``,
     ``tpr_at_0.1%_fpr`` (:func:`memloc.analyses.privacy.roc_summary`'s rule) and ``lowest_fpr`` = 1 / #non-members,
     the smallest FPR the data can show: where it is above 1% (or 0.1%), that column is the TPR at zero false
@@ -156,7 +174,7 @@ def sequence_attacks(lm, members: Sequence[str], nonmembers: Sequence[str],
         raise ConfigError(f"Need members and non-members; got {len(members)} and {len(nonmembers)}.")
     if "reference" in attacks and reference is None:
         attacks = [a for a in attacks if a != "reference"]
-    sc = attack_scores(lm, members + nonmembers, attacks, reference, k, batch_size)
+    sc = attack_scores(lm, members + nonmembers, attacks, reference, k, batch_size, gradnorm)
     sc["member"] = [True] * len(members) + [False] * len(nonmembers)
     rows = []
     nn = len(nonmembers)
@@ -166,7 +184,7 @@ def sequence_attacks(lm, members: Sequence[str], nonmembers: Sequence[str],
         r = roc_summary(s, m)
         rows.append({"attack": a, "auc": r["auc"], "tpr_at_1%_fpr": r["tpr_at_1%_fpr"],
                      "tpr_at_0.1%_fpr": r["tpr_at_0.1%_fpr"], "lowest_fpr": r["lowest_fpr"]})
-    out = make_result(pd.DataFrame(rows), attacks=list(attacks), k=k, n_members=len(members),
+    out = make_result(pd.DataFrame(rows), attacks=list(attacks), k=k, gradnorm=gradnorm, n_members=len(members),
                       n_nonmembers=nn, convention="higher score = member", **_settings(lm))
     out.attrs["scores"] = sc
     return out

@@ -574,6 +574,57 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
+RELEARN_DEFAULTS = {"steps": 20, "lr": 1e-3, "batch_size": 32, "fraction": 0.5}
+"""The relearning attack: Adam steps, learning rate, batch size, and the share of the forget set relearned."""
+
+
+def relearn(model, task, ids, steps: int = 20, lr: float = 1e-3, batch_size: int = 32, seed: int = 0):
+    """The relearning attack: a copy of ``model`` fine-tuned for ``steps`` Adam steps on the examples ``ids``
+    of ``task`` (its ordinary training loss). ``model`` itself is not modified."""
+    from ..validate import number
+
+    number("steps", steps, lo=1, integer=True)
+    number("lr", lr, lo=0.0, lo_open=True)
+    number("batch_size", batch_size, lo=1, integer=True)
+    ids = np.asarray(ids)
+    if len(ids) == 0:
+        raise ValueError("The relearning attack needs at least one example to relearn on.")
+    m = copy_model(model).eval()
+    _optimize(m, None, task, np.asarray([], dtype=ids.dtype), ids,
+              {"steps": steps, "lr": lr, "batch_size": batch_size, "schedule": "constant"}, seed, "relearn")
+    return m
+
+
+def relearn_sets(forget_ids, retain_ids, fraction: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """``relearn`` (a seeded ``fraction`` of the forget set), ``held`` (the rest of it: what the attack did not
+    show the model) and ``retain`` (as many retain examples, the "related data" attack)."""
+    from ..validate import number
+
+    number("fraction", fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    rng = np.random.default_rng(seed + 7)
+    f = np.asarray(forget_ids)
+    perm = rng.permutation(len(f))
+    k = max(1, min(len(f) - 1, int(round(fraction * len(f)))))
+    r = np.asarray(retain_ids)
+    return {"relearn": f[perm[:k]], "held": f[perm[k:]], "retain": r[rng.permutation(len(r))[:k]]}
+
+
+def relearn_row(model, task, split, attack: dict, seed: int = 0) -> dict:
+    """The relearning attack (``attack``: overrides of :data:`RELEARN_DEFAULTS`) on one model, as table columns: ``relearn_forget_acc_held`` (training-label
+    accuracy on the forget examples the attack did not relearn, after relearning the others),
+    ``relearn_forget_acc`` (on all of the forget set), ``retain_relearn_forget_acc`` (after fine-tuning on as many
+    retain examples instead), ``forget_acc_held_before`` (the same held examples before any attack)."""
+    p = {**RELEARN_DEFAULTS, **attack}
+    sets = relearn_sets(split.forget, split.retain, p["fraction"], seed)
+    kw = {k: p[k] for k in ("steps", "lr", "batch_size")}
+    a = relearn(model, task, sets["relearn"], seed=seed, **kw)
+    b = relearn(model, task, sets["retain"], seed=seed, **kw)
+    return {"forget_acc_held_before": float(task.per_example(model, sets["held"]).acc.mean()),
+            "relearn_forget_acc_held": float(task.per_example(a, sets["held"]).acc.mean()),
+            "relearn_forget_acc": float(task.per_example(a, split.forget).acc.mean()),
+            "retain_relearn_forget_acc": float(task.per_example(b, split.forget).acc.mean())}
+
+
 def mia_auc(member_losses, nonmember_losses) -> float:
     """AUC of the loss attack (low loss = member) telling members from non-members (0.5 = cannot tell)."""
     from ..analyses.privacy import roc_summary
@@ -631,7 +682,7 @@ def _row_frame(name: str, row: dict, settings: dict) -> pd.DataFrame:
 
 def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequence[str] | None = None,
                        out: str | Path | None = None, seed: int = 0, params: dict[str, dict] | None = None,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, relearn: dict | None = None) -> pd.DataFrame:
     """Every method on a finished run against the oracle: one row per method plus ``original`` and ``oracle``.
 
     Args:
@@ -642,6 +693,8 @@ def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequ
             retrained run), ``rows/<method>.parquet`` (one per method, written atomically and reused when its
             settings match), ``table.parquet`` and ``tradeoff.png``.
         params: ``{method: {param: value}}`` overriding :data:`DEFAULTS`.
+        relearn: run the relearning attack on every row (``{}`` for :data:`RELEARN_DEFAULTS`, or overrides of
+            ``steps, lr, batch_size, fraction``): adds the columns of :func:`relearn_row`.
     Returns the table (columns ``method, forget_acc, forget_acc_original, retain_acc, test_acc, forget_loss,
     mia_auc, ks_stat, ks_p, ks_can_tell, changed_entries, steps, seconds``) with the settings in ``attrs``;
     ``steps`` are optimiser steps (the oracle's: its epochs x batches per epoch, for the cost comparison).
@@ -672,9 +725,13 @@ def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequ
             "n_holdout": int(len(split.holdout)), "oracle": str(oracle_run.path),
             "oracle_epochs": oracle_run.summary["epochs"], "seed": seed,
             "mia": "loss attack, forget vs test examples with labels flipped at the forget set's rate",
-            "forget_quality": "two-sample KS test of per-example forget losses vs the oracle's"}
+            "forget_quality": "two-sample KS test of per-example forget losses vs the oracle's",
+            "relearn": None if relearn is None else {**RELEARN_DEFAULTS, **relearn}}
     o = evaluate_unlearning(oracle, task, split, seed=seed)
     orig = evaluate_unlearning(original, task, split, o["_forget_losses"], seed=seed)
+    if relearn is not None:
+        o.update(relearn_row(oracle, task, split, relearn, seed))
+        orig.update(relearn_row(original, task, split, relearn, seed))
     o["ks_stat"], o["ks_p"] = 0.0, 1.0
     can_tell = orig["ks_p"] < 0.05
     oracle_steps = oracle_run.summary["epochs"] * math.ceil(len(split.retain) / run.config.batch_size)
@@ -686,13 +743,16 @@ def compare_unlearning(run, forget: str | Sequence[int] = "noisy", methods: Sequ
         settings = {**base, "method": m, "params": effective[m]}
         if path.exists():  # reuse a finished row made with the same parameters, seed and oracle
             old = load_result(path)
-            same = {k: old.attrs["settings"].get(k) for k in ("params", "seed", "oracle")}
-            if same == json.loads(json.dumps({"params": effective[m], "seed": seed, "oracle": base["oracle"]})):
+            same = {k: old.attrs["settings"].get(k) for k in ("params", "seed", "oracle", "relearn")}
+            if same == json.loads(json.dumps({"params": effective[m], "seed": seed, "oracle": base["oracle"],
+                                              "relearn": base["relearn"]})):
                 rows.append(old)
                 continue
         new, rec = unlearn(original, task, split.forget, split.retain, m, seed=seed, progress=progress,
                            **params.get(m, {}))
         row = evaluate_unlearning(new, task, split, o["_forget_losses"], seed=seed)
+        if relearn is not None:
+            row.update(relearn_row(new, task, split, relearn, seed))
         row["changed_entries"] = int(sum(rec["changed"]["entries"].values()))
         row["steps"] = int(rec["params"].get("steps", 0))
         row["seconds"] = rec["seconds"]
