@@ -280,7 +280,7 @@ def _scores(a: argparse.Namespace) -> None:
     run = _finished_run(a)
     families = a.score or ["dynamics", "curvature", "ssft", "holdout"]
     if "all" in families:
-        families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia"]
+        families = ["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia", "rmia"]
     # every check before anything is computed or written
     epochs = int_list("--epochs", a.epochs, lo=0)
     number("--n-directions", a.n_directions, lo=1, integer=True)
@@ -332,7 +332,8 @@ def _scores(a: argparse.Namespace) -> None:
                   optimizer=a.ensemble_optimizer, seed=a.seed, progress=progress)
     mi = None
     ens = None
-    if "fz" in families or "mia" in families:
+    rm = None
+    if "fz" in families or "mia" in families or "rmia" in families:
         ens = train_ensemble(run, a.models, a.ratio, **ens_kw)
         ens.save(out / "ensemble.safetensors")
         fz = scores.feldman_zhang(ens)
@@ -347,6 +348,9 @@ def _scores(a: argparse.Namespace) -> None:
         if "mia" in families:
             mi = privacy.membership_inference(ens, data)
             save_result(mi, out / "membership_inference.parquet")
+        if "rmia" in families:
+            rm = privacy.rmia_vs_lira(ens, n_references=(1, 2, 4, 8, 64), n_targets=4, seed=a.seed)
+            save_result(rm, out / "rmia_vs_lira.parquet")
     if "cscore" in families:
         ens_list = [train_ensemble(run, a.cscore_models, r, **ens_kw) for r in np.round(np.arange(0.1, 1.0, 0.1), 1)]
         cs = scores.cscore(ens_list)
@@ -383,6 +387,12 @@ def _scores(a: argparse.Namespace) -> None:
               "lowest reachable FPR (1 / non-members) per group: " + ", ".join(
                   f"{g} {v:.2%}" + (" (above 1%: that column is the TPR at zero false positives)" if v >= 0.01
                                     else "") for g, v in low.items()))
+    if rm is not None:
+        st = rm.attrs["settings"]
+        print(f"RMIA vs LiRA with the same k reference models ({st['n_models']} models in the ensemble, "
+              f"{st['n_targets']} targets in turn; RMIA a {st['a']}, gamma {st['gamma']}; offline LiRA and RMIA without "
+              "the IN fallback can score only examples some reference left out: coverage):\n"
+              f"{rm.round(3).to_string(index=False)}")
     print(f"wrote {out}/ (scores, auroc, agreement .parquet; histograms.png, gallery.png)")
 
 
@@ -908,9 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("scores", help="which examples are memorized: per-example scores and their AUROC")
     p.add_argument("run", help="a finished run folder")
     p.add_argument("--score", action="append",
-                   choices=["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia", "all"],
+                   choices=["dynamics", "curvature", "ssft", "holdout", "fz", "cscore", "mia", "rmia", "all"],
                    help="score families (repeatable; default: dynamics, curvature, ssft, holdout; 'all' adds the "
-                        "ensemble ones: fz, cscore, mia)")
+                        "ensemble ones: fz, cscore, mia, rmia (RMIA vs LiRA at 1, 2, 4, 8, 64 reference models))")
     p.add_argument("--epochs", default=None, help="checkpoints for curvature/gradients (comma list; default all)")
     p.add_argument("--n-directions", type=int, default=10, help="curvature: Rademacher directions (%(default)s)")
     p.add_argument("--h", type=float, default=1e-3, help="curvature: step (%(default)s)")

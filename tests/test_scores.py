@@ -200,3 +200,52 @@ def test_scores_cli(small_run, tmp_path, capsys):
     for name in ("scores.parquet", "auroc.parquet", "agreement.parquet", "membership_inference.parquet",
                  "ensemble.safetensors", "histograms.png", "gallery.png"):
         assert (out / name).exists(), name
+
+
+class _Ens:
+    """A hand-made ensemble: 3 models, 4 training examples, probabilities of the training label given."""
+
+    def __init__(self, p, masks):
+        p = np.asarray(p, float)
+        self.phi_train = np.log(p / (1 - p))
+        self.masks = np.asarray(masks, bool)
+        self.n_models = len(p)
+        self.settings = {}
+
+
+def test_rmia_by_hand():
+    from scipy.stats import trim_mean
+
+    from memloc.analyses.privacy import _trimmed_mean, rmia_scores
+
+    ens = _Ens([[0.9, 0.8, 0.5, 0.4], [0.6, 0.5, 0.5, 0.2], [0.7, 0.4, 0.25, 0.5]],
+               [[1, 1, 0, 0], [0, 1, 0, 1], [1, 0, 1, 0]])
+    # offline, a = 0.3: Pr(x) = 0.65 * p_out + 0.35 with p_out = 0.6, 0.4, 0.5, 0.5 -> ratios 1.216, 1.311, 0.741,
+    # 0.593; the population is the target's non-members (examples 2, 3), each compared with the other only
+    kw = dict(online=False, a=0.3, invert_in=False)
+    assert np.allclose(rmia_scores(ens, 0, [1, 2], gamma=1.5, **kw), [1, 1, 0, 0])
+    assert np.allclose(rmia_scores(ens, 0, [1, 2], gamma=1.2, **kw), [1, 1, 1, 0])  # 0.741 / 0.593 = 1.25
+    # with IN references inverted, (p_in + a - 1) / a clipped at 0: p_out = 0.3, 0.2, 0.25, 0.25 -> ratios 1.651,
+    # 1.667, 0.976, 0.780
+    assert np.allclose(rmia_scores(ens, 0, [1, 2], online=False, a=0.3, gamma=2.0), [0.5, 0.5, 0, 0])
+    # online: Pr(x) = the mean of both references -> ratios 1.385, 1.778, 1.333, 1.143
+    assert np.allclose(rmia_scores(ens, 0, [1, 2], online=True, gamma=1.1), [0.5, 1, 1, 0])
+    x = np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 7.0], [4.0, np.nan], [100.0, np.nan]])
+    assert np.allclose(_trimmed_mean(x), [trim_mean([1, 2, 3, 4, 100], 0.2), trim_mean([5, 7], 0.2)])
+    from memloc.validate import ConfigError
+    with pytest.raises(ConfigError, match="without the target"):
+        rmia_scores(ens, 0, [0, 1])
+
+
+def test_rmia_and_lira_with_equal_reference_models(ensemble):
+    from memloc.analyses.privacy import rmia_vs_lira
+
+    data, ens = ensemble
+    t = rmia_vs_lira(ens, n_references=(1, 2, 8, 100), n_targets=2)
+    assert sorted(set(t.k)) == [0, 1, 2, 8]  # 100 > 23 other models is left out
+    r = t.set_index(["attack", "k"])
+    assert ("rmia_online", 1) not in r.index and ("rmia_offline", 1) in r.index
+    assert r.loc[("rmia_offline", 8), "auc"] > 0.55 and r.loc[("rmia_online", 8), "auc"] > 0.55
+    assert r.loc[("lira_offline", 1), "coverage"] < 1.0  # one reference leaves only its non-members scorable
+    assert t.attrs["settings"]["gamma"] == 1.0
+    assert (r.loc[[("rmia_offline", 1), ("rmia_online", 2)], "coverage"] == 1.0).all()
