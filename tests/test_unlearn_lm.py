@@ -179,6 +179,9 @@ def test_compare_table_and_cli(setup, oracle, tmp_path, capsys):
     assert t.forget_exposure["original"] > t.forget_exposure["oracle"] + 3
     assert t.mia_auc["original"] > 0.9 and t.ks_can_tell.all() and t.ks_p["original"] < 0.05
     assert t.forget_exact["grad_diff"] == 0.0 and t.recall_train["grad_diff"] > 0.8
+    # PrivLeak (MUSE's sign): the original leaks (its canaries look like members), the oracle is the reference
+    assert t.mink_auc["original"] > 0.8 and t.privleak["original"] < -50 and t.privleak["oracle"] == 0.0
+    assert np.isnan(t.truth_ratio["original"])  # canaries have no paraphrased answers
     assert (out / split.name / "tradeoff.png").exists()
     s = table.attrs["settings"]
     assert s["params"]["zero_neurons"]["n_neurons"] == 24 and s["forget_canaries"] == [c.name for c in run.world.canaries]
@@ -189,3 +192,33 @@ def test_compare_table_and_cli(setup, oracle, tmp_path, capsys):
     assert "power check" in printed and "zero_neurons" in printed and "oracle" in printed
     again = compare_lm_unlearning(run, "canaries", methods, out=out, params=params, progress=False)
     assert again.seconds.tolist() == table.seconds.tolist()  # rows reused
+
+
+def test_truth_ratio_and_relearning_on_forgotten_subjects(lm, tmp_path):
+    from memloc.edit.unlearn_lm import lm_relearn_row, truth_ratios
+    from memloc.models.lm import LM
+
+    world = lm.world
+    split = lm_forget_split(world, "subjects:6")
+    task = lm_task(lm.lm(), split)
+    h = lm.lm()
+    f = next(x for x in world.facts if x.subject == split.subjects[0])
+    tr = truth_ratios(h, world, split.subjects[:1], n_perturbed=2, seed=0)
+    # by hand for the first fact: the same seeded perturbed objects, NLL averaged, then the ratio
+    rng = np.random.default_rng(31337)
+    others = sorted(set(world.relations[f.relation][0]) - {f.object})
+    pick = [others[int(j)] for j in rng.permutation(len(others))[:2]]
+    prompt = world.prompts(f, "heldout")[0]
+    nll = -np.asarray(h.score([prompt] * 3, [f.object] + pick)["mean_logprob"], float)
+    assert tr[0] == pytest.approx(np.exp(-nll[1:].mean()) / np.exp(-nll[0]), rel=1e-6)
+    before = truth_ratios(h, world, split.subjects)
+    oracle = train_lm_oracle(lm, split, tmp_path / "oracle", progress=False).model()
+    ga, _ = unlearn(lm.model(), task, split.forget, split.retain, "grad_ascent", steps=60)
+    o_tr = truth_ratios(LM(oracle, h.tokenizer), world, split.subjects)
+    assert np.median(before) < np.median(o_tr)  # the original prefers the true answers more than the oracle does
+    r_ga = lm_relearn_row(ga, task, split, world, {"steps": 30, "lr": 1e-3})
+    r_o = lm_relearn_row(oracle, task, split, world, {"steps": 30, "lr": 1e-3})
+    # gradient ascent hid the facts the oracle never learned: relearning the other subjects brings back more of
+    # the held-out ones on the unlearned model than on the oracle (whose gain is only the relation's prior)
+    gain = {k: r["relearn_forget_exact_held"] - r["forget_exact_held_before"] for k, r in (("ga", r_ga), ("o", r_o))}
+    assert r_ga["relearn_forget_exact_held"] > r_o["relearn_forget_exact_held"] + 0.2 and gain["ga"] > gain["o"]

@@ -561,10 +561,97 @@ def _only(world: FactWorld, canaries=None, subjects=None) -> FactWorld:
     return w
 
 
+def truth_ratios(lm, world: FactWorld, subjects: Sequence[str], n_perturbed: int = 3, seed: int = 0) -> np.ndarray:
+    """TOFU's truth ratio per fact of ``subjects``: ``P(perturbed) / P(paraphrased)`` with length-normalised
+    probabilities ``exp(-mean NLL per token)`` and the perturbed ones averaged in NLL (a geometric mean), as
+    OpenUnlearning computes it. The fact world has no reworded answers, so the *question* is paraphrased: the
+    correct answer after the fact's first held-out template; the perturbed answers are ``n_perturbed`` other
+    objects of the same relation (seeded) after the same prompt. Near 0: the model prefers the truth; near 1: it
+    cannot tell."""
+    rng = np.random.default_rng(seed + 31337)
+    prompts, targets, groups = [], [], []
+    for i, f in enumerate(x for x in world.facts if x.subject in set(subjects)):
+        held = world.prompts(f, "heldout")
+        if not held:
+            continue
+        others = sorted(set(world.relations[f.relation][0]) - {f.object})
+        pick = [others[int(j)] for j in rng.permutation(len(others))[:n_perturbed]]
+        for t in [f.object] + pick:
+            prompts.append(held[0])
+            targets.append(t)
+            groups.append(i)
+    if not prompts:
+        return np.zeros(0)
+    nll = -np.asarray(lm.score(prompts, targets)["mean_logprob"], dtype=np.float64)
+    groups = np.asarray(groups)
+    out = []
+    for g in np.unique(groups):
+        v = nll[groups == g]
+        out.append(float(np.exp(-v[1:].mean()) / (np.exp(-v[0]) + 1e-10)))
+    return np.asarray(out)
+
+
+def _relearn_defaults() -> dict:
+    from .unlearn import RELEARN_DEFAULTS
+
+    return dict(RELEARN_DEFAULTS)
+
+
+def _item_names(split: LMSplit, ids) -> list[str]:
+    """The canary or subject names of training texts ``ids``, in order of first appearance."""
+    names = split.info.subject.iloc[np.asarray(ids)].tolist()
+    return list(dict.fromkeys(names))
+
+
+def lm_relearn_row(model, task: "LMTask", split: LMSplit, world: FactWorld, attack: dict, seed: int = 0) -> dict:
+    """The relearning attack on a language model: fine-tune on the training texts of a seeded ``fraction`` of
+    the forget *items* (canaries or subjects; :data:`memloc.edit.unlearn.RELEARN_DEFAULTS` for the steps), then
+    measure the items the attack did not show: ``forget_exact_held_before`` / ``relearn_forget_exact_held``
+    (canary extraction or fact recall of the held items before / after) and ``retain_relearn_forget_exact`` (all
+    forget items after fine-tuning on as many retain texts instead)."""
+    from ..analyses.lm import canary_extraction, fact_recall
+    from ..models.lm import LM
+    from .unlearn import RELEARN_DEFAULTS, relearn
+    from ..validate import number
+
+    p = {**RELEARN_DEFAULTS, **attack}
+    number("fraction", p["fraction"], lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    names = _item_names(split, split.forget)
+    if len(names) < 2:
+        raise ValueError("The relearning attack needs at least 2 forget items (one to relearn, one to hold out).")
+    rng = np.random.default_rng(seed + 7)
+    order = [names[int(i)] for i in rng.permutation(len(names))]
+    k = max(1, min(len(names) - 1, int(round(p["fraction"] * len(names)))))
+    shown, held = set(order[:k]), order[k:]
+    ids = np.asarray([i for i in split.forget if split.info.subject.iloc[i] in shown])
+    retain = np.asarray(split.retain)[rng.permutation(len(split.retain))[:len(ids)]]
+    kw = {x: p[x] for x in ("steps", "lr", "batch_size")}
+
+    def exact(m, items):
+        lm = LM(m, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
+        cs = [c for c in split.canaries if c.name in set(items)]
+        subj = [s_ for s_ in split.subjects if s_ in set(items)]
+        parts = []
+        if cs:
+            parts.append(canary_extraction(lm, _only(world, canaries=cs)).extracted.to_numpy(bool))
+        if subj:
+            parts.append(fact_recall(lm, _only(world, subjects=subj), "train").correct.to_numpy(bool))
+        return float(np.concatenate(parts).mean())
+
+    a = relearn(model, task, ids, seed=seed, **kw)
+    b = relearn(model, task, retain, seed=seed, **kw)
+    return {"forget_exact_held_before": exact(model, held), "relearn_forget_exact_held": exact(a, held),
+            "retain_relearn_forget_exact": exact(b, names)}
+
+
 def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld, oracle_losses=None,
-                           exposure_candidates: int = 10_000) -> dict:
+                           exposure_candidates: int = 10_000, oracle_truth=None) -> dict:
     """One table row (module docstring): ``forget_exact, forget_exposure, other_canaries, recall_train,
-    recall_heldout, forget_loss, mia_auc`` and, with the oracle's per-item forget losses, ``ks_stat, ks_p``.
+    recall_heldout, forget_loss, mia_auc`` and, with the oracle's per-item forget losses, ``ks_stat, ks_p``;
+    ``mink_auc`` (Min-K%, k 0.4, distinct forget texts vs holdout: PrivLeak's AUC), ``truth_ratio`` (mean of
+    ``min(tr, 1/tr)`` over the forgotten subjects' facts, :func:`truth_ratios`; NaN for canaries, which have no
+    paraphrase) and, with the oracle's truth ratios, ``truth_ratio_fq`` (OpenUnlearning's forget quality: the KS
+    p-value between the two truth-ratio distributions).
     Exposure ranks the secret among all digit strings up to ``exposure_candidates`` (4 digits: 10^4, exact; about
     40 s per model on one thread), among a sample of that many beyond."""
     from ..analyses.lm import canary_extraction, exposure, fact_recall
@@ -595,17 +682,30 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
     if oracle_losses is not None:
         row["ks_stat"], row["ks_p"] = forget_quality(f, oracle_losses)
     row["_forget_losses"] = f.to_numpy()
+    # MUSE / OpenUnlearning: Min-K% (k 0.4) AUC of the distinct forget texts vs the holdout, for PrivLeak
+    from ..analyses.lm_attacks import attack_scores
+    from ..analyses.privacy import roc_summary
+
+    texts = [split.texts[i] for i in split.members] + [split.texts[i] for i in split.holdout]
+    mk = attack_scores(lm, texts, ["mink"], k=0.4).mink.to_numpy()
+    row["mink_auc"] = roc_summary(mk, np.r_[np.ones(len(split.members), bool), np.zeros(len(split.holdout), bool)])["auc"]
+    tr = truth_ratios(lm, world, split.subjects) if split.subjects else np.zeros(0)
+    row["truth_ratio"] = float(np.mean(np.minimum(tr, 1 / tr))) if len(tr) else np.nan
+    row["truth_ratio_fq"] = (forget_quality(tr, oracle_truth)[1] if oracle_truth is not None and len(tr)
+                             and len(oracle_truth) else np.nan)
     return row
 
 
 COLUMNS = ["method", "forget_exact", "forget_exposure", "other_canaries", "recall_train", "recall_heldout",
-           "forget_loss", "mia_auc", "ks_stat", "ks_p", "ks_can_tell", "changed_entries", "steps", "seconds"]
+           "forget_loss", "mia_auc", "ks_stat", "ks_p", "ks_can_tell", "mink_auc", "privleak", "truth_ratio",
+           "truth_ratio_fq", "changed_entries", "steps", "seconds"]
+RELEARN_COLUMNS = ["forget_exact_held_before", "relearn_forget_exact_held", "retain_relearn_forget_exact"]
 
 
 def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods: Sequence[str] | None = None,
                           out: str | Path | None = None, seed: int = 0, params: dict[str, dict] | None = None,
                           n_holdout: int = 32, exposure_candidates: int = 10_000,
-                          progress: bool = True) -> pd.DataFrame:
+                          progress: bool = True, relearn: dict | None = None) -> pd.DataFrame:
     """Every LM method against the oracle on a finished :class:`~memloc.models.transformer.LMRun`: one row per
     method plus ``original`` and ``oracle`` (columns :data:`COLUMNS`, settings in ``attrs``).
 
@@ -613,7 +713,10 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
     (also ``original`` and ``oracle``; reused when parameters, seed, oracle and evaluation settings match),
     ``table.parquet`` and ``tradeoff.png``. ``steps`` are optimiser steps (the oracle's: its epochs x batches per
     epoch). Exact exposure (``exposure_candidates``; one pass over the 10^(k-1) stems per canary, see
-    :func:`evaluate_lm_unlearning`).
+    :func:`evaluate_lm_unlearning`). ``privleak`` compares each row's ``mink_auc`` with the oracle's
+    (:func:`memloc.analyses.lm_attacks.privleak`: MUSE's sign, negative = leaking). ``relearn`` (``{}`` for the
+    defaults): the relearning attack on every row, oracle included (:func:`lm_relearn_row`; columns
+    :data:`RELEARN_COLUMNS`).
     """
     from tqdm.auto import tqdm
 
@@ -647,8 +750,13 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
             "mia": "loss attack on continuation NLL, distinct forget items vs holdout (" +
                    ("never-inserted canaries" if split.canaries else "") + (" + " if split.canaries and
                    split.subjects else "") + ("held-out-template prompts" if split.subjects else "") + ")",
-            "forget_quality": "two-sample KS test of per-item forget continuation NLL vs the oracle's"}
-    keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates")
+            "forget_quality": "two-sample KS test of per-item forget continuation NLL vs the oracle's",
+            "privleak": "Min-K% (k 0.4) AUC, distinct forget texts vs holdout, against the oracle's (MUSE's sign)",
+            "truth_ratio": "TOFU's P(perturbed) / P(correct) per forgotten fact, the question paraphrased by the "
+                           "first held-out template, 3 other objects of the relation as perturbed answers",
+            "relearn": None if relearn is None else {**_relearn_defaults(), **relearn}, "evaluation": 2}
+    keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates", "relearn",
+            "evaluation")
 
     def reuse(name: str, settings: dict) -> pd.DataFrame | None:
         """A finished row made with the same parameters, seed, oracle and evaluation settings."""
@@ -660,6 +768,17 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
         return old if same == json.loads(json.dumps({k: settings.get(k) for k in keys})) else None
 
     oracle_losses = task.per_example(oracle, split.members).suffix_loss.to_numpy()
+    from ..models.lm import LM
+
+    oracle_truth = (truth_ratios(LM(oracle, task.lm.tokenizer, task.lm.prepend_bos), world, split.subjects)
+                    if split.subjects else None)
+
+    def evaluate(model) -> dict:
+        row = evaluate_lm_unlearning(model, task, split, world, oracle_losses, exposure_candidates, oracle_truth)
+        if relearn is not None:
+            row.update(lm_relearn_row(model, task, split, world, relearn, seed))
+        return row
+
     os_ = oracle_run.summary
     oracle_steps = os_["steps"] if "steps" in os_ else os_["epochs"] * math.ceil(len(split.retain) /
                                                                                  run.config["batch_size"])
@@ -669,7 +788,7 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
                                                    "seconds": float(oracle_run.summary["seconds"])})]:
         df = reuse(name, base)
         if df is None:
-            row = evaluate_lm_unlearning(model, task, split, world, oracle_losses, exposure_candidates)
+            row = evaluate(model)
             df = _row_frame(name, {**row, **extra}, base)
             save_result(df, folder / "rows" / f"{name}.parquet")
         rows.append(df)
@@ -683,7 +802,7 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
             continue
         new, rec = unlearn(original, task, split.forget, split.retain, m, seed=seed, progress=progress,
                            **params.get(m, {}))
-        row = evaluate_lm_unlearning(new, task, split, world, oracle_losses, exposure_candidates)
+        row = evaluate(new)
         row["changed_entries"] = int(sum(rec["changed"]["entries"].values()))
         row["steps"] = int(rec["params"].get("steps", 0))
         row["seconds"] = rec["seconds"]
@@ -692,7 +811,12 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
         rows.append(df)
     table = pd.concat(rows, ignore_index=True)
     table["ks_can_tell"] = can_tell
-    table = make_result(table[COLUMNS], **base, ks_power_p=ks_power, ks_can_tell=bool(can_tell),
+    from ..analyses.lm_attacks import privleak
+
+    ref_auc = float(table.loc[table.method == "oracle", "mink_auc"].iloc[0])
+    table["privleak"] = [privleak(a, ref_auc) if np.isfinite(a) and ref_auc < 1 else np.nan for a in table.mink_auc]
+    cols = COLUMNS + (RELEARN_COLUMNS if relearn is not None else [])
+    table = make_result(table[cols], **base, ks_power_p=ks_power, ks_can_tell=bool(can_tell),
                         params={m: effective[m] for m in methods}, methods=methods)
     save_result(table, folder / "table.parquet")
     from ..analyses.plots import save_figure
