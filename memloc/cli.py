@@ -482,8 +482,10 @@ def _unlearn(a: argparse.Namespace) -> None:
                               f"(e.g. 3,17,42) for a classifier run. Got {a.forget!r} instead.")
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
     params = _method_params(a.param, METHODS)
+    relearn = _relearn_arg(a)
     _own_out(a, "unlearn")
-    table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet)
+    table = compare_unlearning(run, forget, methods, out=a.out, seed=a.seed, params=params, progress=not a.quiet,
+                               relearn=relearn)
     s = table.attrs["settings"]
     c = run.config
     print(f"run: {run.path} ({c.model} on {c.dataset}, {c.noise:.0%} flipped, seed {c.seed}); forget set "
@@ -497,10 +499,31 @@ def _unlearn(a: argparse.Namespace) -> None:
                                                       "the test CANNOT tell (ks_p means nothing here)"))
     print(f"mia_auc: {s['mia']}; forget_acc against the flipped (training) labels, forget_acc_original against "
           "the true ones; steps = optimiser steps (oracle: its training)")
+    if s.get("relearn"):
+        print(f"relearning attack {json.dumps(s['relearn'])}: relearn_forget_acc_held = forget accuracy on the "
+              "forget examples not relearned, after relearning the others; retain_relearn_forget_acc = after "
+              "fine-tuning on as many retain examples")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.drop(columns=["ks_can_tell", "forget_loss"]).round(3).to_string(index=False))
     folder = Path(s["oracle"]).parent
     print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
+
+
+def _relearn_arg(a: argparse.Namespace) -> dict | None:
+    """--relearn-steps / --relearn-lr / --relearn-fraction -> the relearning attack's settings (None: no attack)."""
+    from .validate import ConfigError, number
+
+    if a.relearn_steps is None:
+        if a.relearn_lr is not None or a.relearn_fraction is not None:
+            raise ConfigError("--relearn-lr and --relearn-fraction go with --relearn-steps K.")
+        return None
+    number("--relearn-steps", a.relearn_steps, lo=1, integer=True)
+    out = {"steps": a.relearn_steps}
+    if a.relearn_lr is not None:
+        out["lr"] = number("--relearn-lr", a.relearn_lr, lo=0.0, lo_open=True)
+    if a.relearn_fraction is not None:
+        out["fraction"] = number("--relearn-fraction", a.relearn_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    return out
 
 
 def _method_params(items: list[str] | None, methods) -> dict:
@@ -527,9 +550,11 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     run = LMRun(a.run)
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
+    relearn = _relearn_arg(a)
+    params = _method_params(a.param, LM_METHODS)
     _own_out(a, "unlearn")
     table = compare_lm_unlearning(run, a.forget or "canaries", methods, out=a.out, seed=a.seed,
-                                  params=_method_params(a.param, LM_METHODS), progress=not a.quiet)
+                                  params=params, progress=not a.quiet, relearn=relearn)
     s = table.attrs["settings"]
     c, mc = run.config, run.config["model"]
     print(f"run: {run.path} ({mc['n_layers']} layers, d_model {mc['d_model']}, d_mlp {mc['d_mlp']}, seed {c['seed']}, "
@@ -546,6 +571,12 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
     print(f"mia_auc: {s['mia']}; forget_exact: greedy exact match of the forget canaries' secrets / the forgotten "
           "subjects' objects; forget_exposure in bits; recall_*: retained facts from training / held-out templates; "
           "steps = optimiser steps (oracle: its training)")
+    print(f"privleak: {s['privleak']} (0 = like the oracle, negative = leaking); truth_ratio: {s['truth_ratio']} "
+          "(mean min(tr, 1/tr); truth_ratio_fq = KS p-value against the oracle's)")
+    if s.get("relearn"):
+        print(f"relearning attack {json.dumps(s['relearn'])}: relearn_forget_exact_held = extraction / recall of the "
+              "forget items not relearned, after relearning the others; retain_relearn_forget_exact = all forget "
+              "items after fine-tuning on as many retain texts")
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         print(table.drop(columns=["ks_can_tell"]).round(3).to_string(index=False))
     folder = Path(s["oracle"]).parent
@@ -992,6 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", metavar="METHOD.KEY=VALUE",
                    help="override a method default, repeatable (e.g. npo.steps=200, reset_finetune.fraction=0.1)")
     p.add_argument("--out", default=None, help="folder (default RUN/unlearn; results go to OUT/<forget set>/)")
+    p.add_argument("--relearn-steps", type=int, default=None,
+                   help="run the relearning attack on every row: K Adam steps on half of the forget set (held-out "
+                        "half measured) and, separately, on as many retain examples")
+    p.add_argument("--relearn-lr", type=float, default=None, help="relearning attack learning rate (1e-3)")
+    p.add_argument("--relearn-fraction", type=float, default=None, help="share of the forget set relearned (0.5)")
     _add_common(p)
 
     p = sub.add_parser("edit", help="ROME / MEMIT: on a language-model run (one edit, or the benchmark), or on your "
