@@ -446,6 +446,20 @@ def _lm(a: argparse.Namespace) -> None:
     if a.action == "neurons":
         _neurons(a, lm, world, out)
         return
+    if a.action == "attacks":
+        from .analyses.lm_attacks import lm_attack_suite
+
+        ref = None
+        if a.reference:
+            ref = LMRun(a.reference).lm(device=a.device)
+        t = lm_attack_suite(lm, world, reference=ref, seed=a.seed)
+        save_result(t, out / "attacks.parquet")
+        st = t.attrs["settings"]
+        print(f"membership attacks on {run.path} (higher score = member; Min-K% k {st['k']}; inserted vs never-inserted "
+              "canaries, true vs counterfactual fact statements; TPR at 1% FPR is the TPR at zero false positives where "
+              f"lowest_fpr is above 1%):\n{t.round(3).to_string(index=False)}")
+        print(f"wrote {out}/attacks.parquet")
+        return
     from .analyses.plots import plot_trace, save_figure
     from .locate.trace import trace_facts
 
@@ -986,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("lm", help="language models: train / trace / measure the testbed; find memorized sequences "
                                   "of any model")
-    p.add_argument("action", choices=["train", "trace", "metrics", "neurons", "memorized"])
+    p.add_argument("action", choices=["train", "trace", "metrics", "neurons", "memorized", "attacks"])
     p.add_argument("--out", default="runs/lm", help="the language-model run folder (%(default)s)")
     p.add_argument("--model", default=None, help="memorized: a local Hugging Face model folder (or a memloc LM run)")
     p.add_argument("--tokenizer", default=None, help="memorized: tokenizer folder (default: the model's)")
@@ -1008,6 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=10, help="trace: noise samples (%(default)s)")
     p.add_argument("--facts", type=int, default=90, help="trace / neurons: facts analysed (%(default)s)")
     p.add_argument("--steps", type=int, default=20, help="neurons: integrated-gradient steps (%(default)s)")
+    p.add_argument("--reference", default=None, help="attacks: a second LM run with the same tokenizer (reference "
+                                                    "attack)")
     _add_common(p, model_factory=False)
 
     p = sub.add_parser("unlearn", help="remove the forget set with each unlearning method; compare with an oracle "

@@ -69,3 +69,18 @@ def test_attack_scores_and_auc(lm):
     assert per == pytest.approx(-np.mean([float(x.double().norm()) for x in g if x is not None]), rel=1e-4)
     with pytest.raises(ConfigError, match="reference"):
         attack_scores(h, members[:2], ["reference"])
+
+
+def test_membership_sets_and_suite(lm):
+    from memloc.analyses.lm_attacks import lm_attack_suite, membership_sets
+
+    sets = membership_sets(lm.world, n_facts=30, n_canaries=8)
+    train = set(lm.world.training_text())
+    mem, non = sets["canaries"]
+    assert set(mem) <= train and not set(non) & train and len(non) == 8
+    assert all(t.startswith("the code of ") for t in mem + non)
+    mem, non = sets["facts"]
+    assert len(mem) == len(non) == 30 and not set(non) & train
+    t = lm_attack_suite(lm.lm(), lm.world, attacks=["loss", "mink"], n_facts=30)
+    assert set(t.set) == {"canaries", "facts"} and len(t) == 4
+    assert (t.auc > 0.5).all()

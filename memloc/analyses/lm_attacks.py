@@ -194,3 +194,38 @@ def _settings(lm) -> dict:
     from .lm import _lm
 
     return dict(_lm(lm).settings)
+
+
+def membership_sets(world, n_facts: int = 200, n_canaries: int = 32, seed: int = 0) -> dict[str, tuple[list, list]]:
+    """Members and non-members of the same format from a fact world (``{set: (members, non-members)}``):
+    ``"canaries"``: the inserted canary texts vs ``n_canaries`` never-inserted ones made the same way
+    (:func:`memloc.data.facts.holdout_canaries`); ``"facts"``: ``n_facts`` true fact statements (the first
+    training template and the object) vs as many counterfactual ones (the same prompt with another object of the
+    relation, never in the training text; :func:`memloc.data.facts.counterfactual_texts`)."""
+    from ..data.facts import counterfactual_texts, holdout_canaries
+
+    out = {}
+    if world.canaries:
+        out["canaries"] = (list(dict.fromkeys(c.text for c in world.canaries)),
+                           [c.text for c in holdout_canaries(world, n_canaries)])
+    rng = np.random.default_rng(seed + 5)
+    facts = [world.facts[int(i)] for i in rng.permutation(len(world.facts))[:n_facts]]
+    non = counterfactual_texts(world, len(facts), seed)
+    out["facts"] = ([f"{world.prompts(f)[0]} {f.object}" for f in facts][:len(non)], non)
+    return out
+
+
+def lm_attack_suite(lm, world, attacks: Sequence[str] = ("loss", "zlib", "mink", "minkpp", "gradnorm"),
+                    reference=None, n_facts: int = 200, k: float = 0.2, seed: int = 0) -> pd.DataFrame:
+    """:func:`sequence_attacks` on each of :func:`membership_sets` (canaries and facts) of a fact world; one row
+    per set and attack (``reference`` adds the reference attack)."""
+    attacks = list(attacks) + (["reference"] if reference is not None and "reference" not in attacks else [])
+    parts = []
+    for name, (mem, non) in membership_sets(world, n_facts, seed=seed).items():
+        t = sequence_attacks(lm, mem, non, attacks, reference, k)
+        parts.append(t.assign(set=name, n_members=len(mem), n_nonmembers=len(non)))
+    out = pd.concat(parts, ignore_index=True)
+    cols = ["set", "attack", "auc", "tpr_at_1%_fpr", "tpr_at_0.1%_fpr", "lowest_fpr", "n_members", "n_nonmembers"]
+    return make_result(out[cols], attacks=attacks, k=k, n_facts=n_facts, seed=seed,
+                       convention="higher score = member; TPR at 1% / 0.1% FPR is the TPR at zero false positives "
+                                  "where lowest_fpr is above it", **_settings(lm))

@@ -226,3 +226,39 @@ class WordTokenizer:
     def load(cls, path: str | Path) -> "WordTokenizer":
         vocab = json.loads(Path(path).read_text())["vocab"]
         return cls(vocab[len(cls.SPECIAL):])
+
+
+def holdout_canaries(world: "FactWorld", n: int, digits: int | None = None) -> list[Canary]:
+    """``n`` canaries made the way ``world`` makes its own (names from :meth:`FactWorld.new_names`, seeded by the
+    world), never inserted: the non-members of the same format as the inserted canaries."""
+    import numpy as np
+
+    if digits is None:
+        digits = len(world.canaries[0].secret) if world.canaries else 4
+    rng = np.random.default_rng([world.seed, 7919])
+    return [Canary(name, tuple(str(d) for d in rng.integers(0, 10, digits)), 0) for name in world.new_names(n, rng)]
+
+
+def counterfactual_texts(world: "FactWorld", n: int, seed: int = 0) -> list[str]:
+    """``n`` texts ``world``'s model never saw, in its training format: a fact's training prompt completed with
+    another object of the same relation (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 104729)
+    facts = list(world.facts)
+    by_rel: dict = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, set()).add(f.object)
+    seen = set(world.training_text())
+    out = []
+    for i in rng.permutation(len(facts)):
+        f = facts[int(i)]
+        others = sorted(by_rel[f.relation] - {f.object})
+        if not others:
+            continue
+        t = f"{world.prompts(f)[0]} {others[int(rng.integers(len(others)))]}"
+        if t not in seen:
+            out.append(t)
+        if len(out) == n:
+            break
+    return out

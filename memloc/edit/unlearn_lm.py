@@ -207,11 +207,11 @@ class LMSplit(Split):
 
 
 def _holdout_canaries(world: FactWorld, n: int, digits: int) -> list[Canary]:
-    """``n`` canaries generated the way the world makes its own (:meth:`~memloc.data.facts.FactWorld.new_names`),
-    never inserted."""
-    rng = np.random.default_rng([world.seed, 7919])
-    return [Canary(name, tuple(str(d) for d in rng.integers(0, 10, digits)), 0)
-            for name in world.new_names(n, rng)]
+    """``n`` canaries generated the way the world makes its own, never inserted
+    (:func:`memloc.data.facts.holdout_canaries`)."""
+    from ..data.facts import holdout_canaries
+
+    return holdout_canaries(world, n, digits)
 
 
 def _split_name(kind: str, names: list[str]) -> str:

@@ -492,23 +492,12 @@ are 4-6 words; the GPT-2 testbed's biographies are longer)."""
 
 
 def fresh_fact_texts(world, n: int, seed: int = 0) -> list[str]:
-    """``n`` texts the model never saw, in its training format: a fact's training prompt completed with another
-    object of the same relation (a counterfactual, as MemPi injects definitions of entities unseen in training)."""
-    rng = np.random.default_rng(seed + 104729)
-    facts = list(world.facts)
-    by_rel: dict = {}
-    for f in facts:
-        by_rel.setdefault(f.relation, set()).add(f.object)
-    out = []
-    for i in rng.permutation(len(facts)):
-        f = facts[int(i)]
-        others = sorted(by_rel[f.relation] - {f.object})
-        if not others:
-            continue
-        out.append(f"{world.prompts(f)[0]} {others[int(rng.integers(len(others)))]}")
-        if len(out) == n:
-            break
-    return out
+    """``n`` texts the model never saw, in its training format (:func:`memloc.data.facts.counterfactual_texts`: a
+    fact's training prompt completed with another object of the same relation; MemPi injects definitions of
+    entities unseen in training)."""
+    from ..data.facts import counterfactual_texts
+
+    return counterfactual_texts(world, n, seed)
 
 
 def run_groundtruth(run, kind: str, methods: Sequence[str] | None = None, fractions: Sequence[float] | None = None,
