@@ -126,3 +126,22 @@ def test_bad_input_is_refused(clf, lm):
     with pytest.raises(ConfigError, match="Greedy"):
         injection_benchmark_lm(lm.lm(), ["x"], methods=["greedy"])
     assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "ab") == 2
+
+
+def test_sequences_are_cut_by_token_position(hf_dir):
+    """A BPE name split mid-word stays one word: plain texts and memorized-sequence rows are cut by token position,
+    never re-joined from decoded strings (which would put a space inside the word)."""
+    from memloc.analyses.lm import memorized_sequences
+    from memloc.models.lm import LM
+
+    h = LM.from_pretrained(hf_dir)
+    text = "Quarnesh is a country whose capital is Kalbor"
+    ids = h.encode(text, bos=False)
+    for k in range(1, 4):
+        t = sequence_targets(h, [text], prefix_tokens=k)
+        bos = [h.bos_id] if h.prepend_bos else []
+        assert t.extra["tokens"][0, :int(t.extra["lengths"][0])].tolist() == bos + ids
+        assert int(t.extra["starts"][0]) == len(bos) + k
+    mem = memorized_sequences(h, [text], prefix_tokens=2, suffix_tokens=3)
+    t = sequence_targets(h, mem)
+    assert t.extra["tokens"][0, :int(t.extra["lengths"][0])].tolist() == bos + ids[:5]

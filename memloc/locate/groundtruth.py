@@ -445,6 +445,7 @@ def deletion_benchmark_lm(lm, memorized: pd.DataFrame, heldout: Sequence[str], l
     pick = rng.choice(len(ext), size=min(n_targets, len(ext) - 1), replace=False)
     tgt = ext.iloc[np.sort(pick)]
     oth = ext.drop(index=tgt.index)
+    tgt.attrs, oth.attrs = dict(memorized.attrs), dict(memorized.attrs)  # prefix / suffix token counts
     T = sequence_targets(lm, tgt, layers)
     O = sequence_targets(lm, oth, layers)
     H = sequence_targets(lm, list(heldout), layers, prefix_tokens=1)

@@ -205,11 +205,10 @@ def sequence_targets(lm, sequences, layers: Sequence[int] | None = None, prefix_
     ids, pairs = _sequence_pairs(lm, sequences, prefix_tokens)
     bos = [lm.bos_id] if lm.prepend_bos else []
     seqs, starts = [], []
-    for p, s in pairs:
-        pi, si = lm.encode(p, bos=False), lm.encode(lm.join(p, s), bos=False)[len(lm.encode(p, bos=False)):]
+    for pi, si in pairs:
         if not si:
-            raise ConfigError(f"Sequence {p!r} + {s!r} has no suffix tokens.")
-        seqs.append(bos + pi + si)
+            raise ConfigError(f"Sequence {lm.decode(pi)!r} has no suffix tokens.")
+        seqs.append(bos + list(pi) + list(si))
         starts.append(len(bos) + len(pi))
     tokens, lengths = lm.pad(seqs)
     starts_t = torch.tensor(starts)
@@ -253,17 +252,34 @@ def sequence_targets(lm, sequences, layers: Sequence[int] | None = None, prefix_
     d_mlp = lm.cfg.d_mlp
     return Targets("sequence", model, sites, [d_mlp] * len(sites), len(seqs), ids, run,
                    value_norms={s: _value_norms(model, l) for s, l in zip(sites, layers)},
-                   extra={"tokens": tokens, "lengths": lengths, "starts": starts_t, "pairs": pairs, "layers": layers})
+                   extra={"tokens": tokens, "lengths": lengths, "starts": starts_t, "layers": layers})
 
 
 def _sequence_pairs(lm, sequences, prefix_tokens):
+    """``(ids, [(prefix token ids, suffix token ids)])``. Memorized-sequence rows and plain texts are cut by token
+    position (the text encoded without BOS, as :func:`memloc.analyses.lm.memorized_sequences` cuts it), so a name
+    split mid-word stays one word; ``(prefix, suffix)`` string pairs are joined as a prompt and its continuation
+    (:meth:`memloc.models.lm.LM.join`: a space between them unless one is there)."""
     if isinstance(sequences, pd.DataFrame):
+        st = sequences.attrs.get("settings", {})
+        if "text" in sequences and "prefix_tokens" in st and "suffix_tokens" in st:
+            rows = sequences.dropna(subset=["prefix", "suffix"]) if "prefix" in sequences else sequences
+            k, n = int(st["prefix_tokens"]), int(st["suffix_tokens"])
+            out = []
+            for t in rows["text"]:
+                e = lm.encode(t, bos=False)
+                if len(e) < k + 1:
+                    raise ConfigError(f"Text {t[:40]!r} has {len(e)} tokens, fewer than prefix_tokens + 1 = {k + 1}.")
+                out.append((e[:k], e[k:k + n]))
+            ids = list(rows["text_id"]) if "text_id" in rows else list(range(len(rows)))
+            return ids, out
         if not {"prefix", "suffix"} <= set(sequences.columns):
-            raise ConfigError("A table of sequences needs 'prefix' and 'suffix' columns (memorized_sequences' rows); "
-                              f"got {list(sequences.columns)}.")
+            raise ConfigError("A table of sequences needs memorized_sequences' rows (text, prefix_tokens and "
+                              "suffix_tokens in its settings) or 'prefix' and 'suffix' columns; got "
+                              f"{list(sequences.columns)}.")
         rows = sequences.dropna(subset=["prefix", "suffix"])
         ids = list(rows["text_id"]) if "text_id" in rows else list(range(len(rows)))
-        return ids, list(zip(rows["prefix"], rows["suffix"]))
+        return ids, [_joined(lm, p, s) for p, s in zip(rows["prefix"], rows["suffix"])]
     seqs = list(sequences)
     if not seqs:
         raise ConfigError("No sequences given.")
@@ -271,18 +287,22 @@ def _sequence_pairs(lm, sequences, prefix_tokens):
         if prefix_tokens is None:
             raise ConfigError("Plain texts need prefix_tokens= (how many leading tokens are the prefix).")
         number("prefix_tokens", prefix_tokens, lo=1, integer=True)
-        pairs = []
+        out = []
         for t in seqs:
-            ids = lm.encode(t, bos=False)
-            if len(ids) <= prefix_tokens:
-                raise ConfigError(f"Text {t[:40]!r} has {len(ids)} tokens, not more than prefix_tokens={prefix_tokens}.")
-            p = lm.decode(ids[:prefix_tokens])
-            pairs.append((p, t[len(p):]))
-        return list(range(len(seqs))), pairs
+            e = lm.encode(t, bos=False)
+            if len(e) <= prefix_tokens:
+                raise ConfigError(f"Text {t[:40]!r} has {len(e)} tokens, not more than prefix_tokens={prefix_tokens}.")
+            out.append((e[:prefix_tokens], e[prefix_tokens:]))
+        return list(range(len(seqs))), out
     if all(isinstance(s, (tuple, list)) and len(s) == 2 for s in seqs):
-        return list(range(len(seqs))), [(str(p), str(s)) for p, s in seqs]
+        return list(range(len(seqs))), [_joined(lm, str(p), str(s)) for p, s in seqs]
     raise ConfigError("Sequences must be memorized_sequences' rows, (prefix, suffix) pairs, or texts with "
                       "prefix_tokens=.")
+
+
+def _joined(lm, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+    pi = lm.encode(prefix, bos=False)
+    return pi, lm.encode(lm.join(prefix, suffix), bos=False)[len(pi):]
 
 
 # ---------------------------------------------------------------------------------------------------------------
