@@ -52,8 +52,9 @@ def main():
     torch.set_num_threads(a.threads)
     from memloc.analyses.lm import memorized_sequences
     from memloc.data.bios import make_bio_world
+    from memloc.data.facts import counterfactual_texts
     from memloc.locate.groundtruth import (CLASSIFIER_METHODS, LM_METHODS, deletion_benchmark,
-                                           deletion_benchmark_lm, describe_groundtruth, fresh_fact_texts,
+                                           deletion_benchmark_lm, describe_groundtruth,
                                            injection_benchmark, injection_benchmark_lm, summarize_deletion)
     from memloc.models.gpt2 import train_gpt2
     from memloc.results import write_json
@@ -100,7 +101,7 @@ def main():
         lm = lmrun.lm()
         print(f"GPT-2 testbed {time.perf_counter() - t0:.0f} s", flush=True)
         if "lm_inj" in parts:
-            texts = fresh_fact_texts(world, a.texts, seed=0)
+            texts = counterfactual_texts(world, a.texts, seed=0)
             tab = _with_variants(lambda **kw: injection_benchmark_lm(lm, texts, ratio=0.02, progress=False, **kw),
                                  list(LM_METHODS))
             record("lm_inj", tab.assign(ratio=0.02), {"texts": texts, "final_loss": float(tab.final_loss.max())})

@@ -44,12 +44,12 @@ def test_token_statistics_match_the_model(lm):
 
 
 def test_attack_scores_and_auc(lm):
-    from memloc.locate.groundtruth import fresh_fact_texts
+    from memloc.data.facts import counterfactual_texts
     from memloc.models.transformer import lm_loss
 
     h = lm.lm()
     members = lm.world.training_text()[:40]
-    non = fresh_fact_texts(lm.world, 40, seed=1)
+    non = counterfactual_texts(lm.world, 40, seed=1)
     sc = attack_scores(h, members[:3], ["loss", "zlib", "mink", "minkpp", "gradnorm"], k=0.5)
     st = token_statistics(h, members[:3])
     for i, t in enumerate(members[:3]):

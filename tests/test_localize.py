@@ -86,11 +86,11 @@ def test_deletion_control_removes_as_many_units_per_layer(clf):
 
 def test_language_model_localizers_and_benchmarks(lm):
     from memloc.analyses.lm import memorized_sequences
-    from memloc.locate.groundtruth import fresh_fact_texts
+    from memloc.data.facts import counterfactual_texts
 
     h = lm.lm()
     before = {k: v.clone() for k, v in h.model.state_dict().items()}
-    texts = fresh_fact_texts(lm.world, 1, seed=0)
+    texts = counterfactual_texts(lm.world, 1, seed=0)
     assert not set(texts) & set(lm.world.training_text())
     inj = injection_benchmark_lm(h, texts, ratio=0.05, methods=["hardconcrete", "zero_out", "random"], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())

@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from ..hooks import capture, hooks, replace_parameters, require_eval
+from ..models.lm import OUT_MODULE, mlp_out_weight  # the MLP output projection (re-exported)
 
 __all__ = ["Request", "EditConfig", "Edit", "rome", "memit", "alphaedit", "NullSpace", "null_space",
            "context_templates", "key_second_moment", "subject_last_index", "mlp_out_weight", "edit_outcomes",
            "OUT_MODULE", "RESID", "KEY_MODES"]
 
-OUT_MODULE = "blocks.{}.mlp.out"  # attribute path of the MLP output projection
 KEY, VALUE = OUT_MODULE + ".hook_in", OUT_MODULE + ".hook_out"  # hook points on its input and output
 RESID = "blocks.{}.hook_resid_post"
 KEY_MODES = ("original", "prefix", "prompt")
@@ -183,32 +183,6 @@ def subject_last_index(lm, prompt: str, subject: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the MLP output matrix, keys and their second moment
-
-
-def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, torch.nn.Parameter, bool]:
-    """``(parameter name, weight, transposed)`` of layer ``layer``'s MLP output matrix. ``transposed`` is True for
-    Hugging Face ``Conv1D`` weights stored ``[in, out]`` (GPT-2); ``nn.Linear`` stores ``[out, in]``."""
-    if not hasattr(model, "named_parameters"):  # an LM handle
-        model = model.model
-    mod = model
-    try:
-        for part in module.format(layer).split("."):
-            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
-    except (AttributeError, IndexError, TypeError) as e:
-        raise ValueError(f"The model has no MLP output module {module.format(layer)!r} (a TransformerBridge has "
-                         f"blocks.L.mlp.out): {e}") from None
-    weights = [p for p in mod.parameters() if p.ndim == 2]
-    if len(weights) != 1:
-        raise ValueError(f"{module.format(layer)!r} must hold one weight matrix; it holds {len(weights)}.")
-    w = weights[0]
-    name = next(n for n, p in model.named_parameters() if p is w)
-    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
-    conv = any(type(m).__name__ == "Conv1D" for m in mod.modules())
-    if tuple(w.shape) == (d_mlp, d_model) and (conv or d_mlp != d_model):
-        return name, w, True
-    if tuple(w.shape) == (d_model, d_mlp):
-        return name, w, False
-    raise ValueError(f"Unexpected MLP output weight shape {tuple(w.shape)} (d_model {d_model}, d_mlp {d_mlp}).")
 
 
 def _check_layer(lm, layer: int) -> None:

@@ -93,6 +93,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..hooks import copy_model, require_eval
+from ..locate.ablate import unit_slices
 from ..results import load_result, make_result, save_result, write_json
 
 __all__ = ["ClassifierTask", "Split", "forget_split", "train_oracle", "unlearn", "METHODS", "DEFAULTS",
@@ -274,22 +275,6 @@ def _units(model: nn.Module, layers=None):
     if layers is None:
         layers = layer_names(model)  # not the head: zeroing or resetting a class is not localisation
     return find_units(model, layers)
-
-
-def _unit_slices(model: nn.Module, units, chosen: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """``{parameter name: bool mask}`` of the entries belonging to the chosen units of each layer."""
-    params = dict(model.named_parameters())
-    out = {}
-    for layer, idx in chosen.items():
-        if not idx:
-            continue
-        for sub in units.submodules[layer]:
-            for pn, p in dict(model.named_modules())[sub].named_parameters(recurse=False):
-                m = torch.zeros_like(p, dtype=torch.bool)
-                m[torch.as_tensor(idx)] = True
-                out[f"{sub}.{pn}" if sub else pn] = m
-    assert set(out) <= set(params)
-    return out
 
 
 def located_units(model: nn.Module, task: ClassifierTask, forget_ids, source: str = "ablate", n_units: int = 8,
@@ -524,7 +509,7 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
             record["source"] = source
         units = {k: sorted({int(i) for i in v}) for k, v in units.items()}
         found = _units(new, list(units))
-        masks = _unit_slices(new, found, units)
+        masks = unit_slices(new, found, units)
         with torch.no_grad():
             for k, prm in new.named_parameters():
                 if k in masks:
@@ -554,7 +539,7 @@ def unlearn(model: nn.Module, task, forget_ids, retain_ids, method: str, seed: i
             layer, i = units.name(j)
             chosen.setdefault(layer, []).append(i)
         _reset(new, units, chosen, seed)
-        masks = _unit_slices(new, units, chosen)
+        masks = unit_slices(new, units, chosen)
         head = layer_names(new, head=True)[-1]
         for k, prm in new.named_parameters():
             if k.startswith(head + "."):

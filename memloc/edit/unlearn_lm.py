@@ -72,7 +72,8 @@ from torch import nn
 from ..data.facts import Canary, FactWorld
 from ..hooks import require_eval
 from ..results import load_result, make_result, read_json, save_result, write_json
-from .unlearn import Split, Task, _generator, _params, _row_frame, forget_quality, mia_auc, unlearn
+from .unlearn import (RELEARN_DEFAULTS, Split, Task, _generator, _params, _row_frame, forget_quality, mia_auc,
+                      relearn, unlearn)
 
 __all__ = ["LMTask", "LMSplit", "lm_forget_split", "lm_task", "train_lm_oracle", "LM_DEFAULTS", "LM_METHODS",
            "attributed_neurons", "evaluate_lm_unlearning", "compare_lm_unlearning", "plot_lm_tradeoff"]
@@ -591,12 +592,6 @@ def truth_ratios(lm, world: FactWorld, subjects: Sequence[str], n_perturbed: int
     return np.asarray(out)
 
 
-def _relearn_defaults() -> dict:
-    from .unlearn import RELEARN_DEFAULTS
-
-    return dict(RELEARN_DEFAULTS)
-
-
 def _item_names(split: LMSplit, ids) -> list[str]:
     """The canary or subject names of training texts ``ids``, in order of first appearance."""
     names = split.info.subject.iloc[np.asarray(ids)].tolist()
@@ -611,7 +606,6 @@ def lm_relearn_row(model, task: "LMTask", split: LMSplit, world: FactWorld, atta
     forget items after fine-tuning on as many retain texts instead)."""
     from ..analyses.lm import canary_extraction, fact_recall
     from ..models.lm import LM
-    from .unlearn import RELEARN_DEFAULTS, relearn
     from ..validate import number
 
     p = {**RELEARN_DEFAULTS, **attack}
@@ -754,7 +748,7 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
             "privleak": "Min-K% (k 0.4) AUC, distinct forget texts vs holdout, against the oracle's (MUSE's sign)",
             "truth_ratio": "TOFU's P(perturbed) / P(correct) per forgotten fact, the question paraphrased by the "
                            "first held-out template, 3 other objects of the relation as perturbed answers",
-            "relearn": None if relearn is None else {**_relearn_defaults(), **relearn}, "evaluation": 2}
+            "relearn": None if relearn is None else {**RELEARN_DEFAULTS, **relearn}, "evaluation": 2}
     keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates", "relearn",
             "evaluation")
 

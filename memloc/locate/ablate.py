@@ -83,6 +83,25 @@ def find_units(model: nn.Module, layers: str | Sequence[str] | None = None) -> U
     return Units(layers, sizes, offsets, subs)
 
 
+def unit_slices(model: nn.Module, units: Units, chosen: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """``{parameter name: bool mask}`` of the parameter entries that belong to the chosen units of each layer (the
+    slices along the output dimension of every parametrised submodule of the layer, as :func:`find_units` counts
+    them); layers with no chosen unit are left out."""
+    params = dict(model.named_parameters())
+    mods = dict(model.named_modules())
+    out = {}
+    for layer, idx in chosen.items():
+        if not idx:
+            continue
+        for sub in units.submodules[layer]:
+            for pn, p in mods[sub].named_parameters(recurse=False):
+                m = torch.zeros_like(p, dtype=torch.bool)
+                m[torch.as_tensor(idx)] = True
+                out[f"{sub}.{pn}" if sub else pn] = m
+    assert set(out) <= set(params)
+    return out
+
+
 def _other_rows(seed: int, example_id: int, target_pos: int, n_train: int, m: int) -> torch.Tensor:
     """Positions (in the train split) of the m other examples drawn for this target; fixed per (seed, id)."""
     perm = torch.randperm(n_train - 1, generator=seeded_generator(seed, 1, example_id))[:m]

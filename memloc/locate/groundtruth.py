@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..hooks import ablate, copy_model, model_device
 from ..results import make_result
 from ..validate import ConfigError, choice, number
+from .ablate import find_units, unit_slices
 from .localize import METHODS, classifier_targets, localize, top_units
 
 CLASSIFIER_METHODS = ("hardconcrete", "slimming", "zero_out", "ig", "activations", "greedy", "random")
@@ -46,25 +47,6 @@ def _model_and_data(run_or_model, data, epoch=None):
     return run_or_model.eval(), data
 
 
-def _unit_masks(model, units) -> dict[str, torch.Tensor]:
-    """``{parameter name: bool mask}`` of the parameter entries that belong to ``units`` ``{layer: [idx]}`` (the
-    slices along the output dimension of every parametrised submodule of the layer, as greedy ablation counts
-    them)."""
-    from .ablate import find_units
-
-    u = find_units(model, list(units))
-    masks = {}
-    for layer in u.layers:
-        idx = torch.tensor(units[layer], dtype=torch.long)
-        for sub in u.submodules[layer]:
-            mod = dict(model.named_modules())[sub]
-            for pname, p in mod.named_parameters(recurse=False):
-                m = torch.zeros_like(p, dtype=torch.bool)
-                m[idx] = True
-                masks[f"{sub}.{pname}" if sub else pname] = m
-    return masks
-
-
 def inject_units(model, x_keep, y_keep, x_new, y_new, units: dict[str, list[int]], lr: float = 1e-2,
                  max_steps: int = 500, keep_batch: int = 128, seed: int = 0, progress: bool = False):
     """A copy of ``model`` in which only ``units`` (``{layer: [index]}``) were fine-tuned (Adam, no weight decay,
@@ -73,7 +55,7 @@ def inject_units(model, x_keep, y_keep, x_new, y_new, units: dict[str, list[int]
     Returns ``(model, info)``; ``info``: steps, fitted share, the parameter entries that could change."""
     dev = model_device(model)
     m = copy_model(model).eval()
-    masks = {k: v.to(dev) for k, v in _unit_masks(m, units).items()}
+    masks = {k: v.to(dev) for k, v in unit_slices(m, find_units(m, list(units)), units).items()}
     params = dict(m.named_parameters())
     orig = {k: p.detach().clone() for k, p in params.items()}
     for k, p in params.items():
@@ -347,19 +329,20 @@ def injection_benchmark_lm(lm, texts: Sequence[str], layers: Sequence[int] | Non
     model = lm.model
     n_layers = lm.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
-    from .localize import LM_SITE, mlp_value_matrix
+    from ..hooks import replace_parameters
+    from ..models.lm import mlp_out_weight
+    from .localize import LM_SITE, _frozen
 
     rows = []
     texts = list(texts)
     for ti, text in enumerate(tqdm(texts, desc="INJ texts", disable=not progress, leave=False)):
         s = seed * 1000 + ti
         units = _random_units({LM_SITE.format(l): lm.cfg.d_mlp for l in layers}, ratio, s)
-        mats = {l: mlp_value_matrix(model, l) for l in layers}
+        named = {l: mlp_out_weight(model, l) for l in layers}
+        mats = {l: (w, tr) for l, (_, w, tr) in named.items()}
         saved = {l: w.detach().clone() for l, (w, _) in mats.items()}
-        flags = [p.requires_grad for p in model.parameters()]
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
+        # the model is frozen but for the value matrices, and its weights come back bit for bit on exit
+        with _frozen(model), replace_parameters(model, {nm: saved[l] for l, (nm, _, _) in named.items()}):
             masks = {}
             for l, (w, tr) in mats.items():
                 m = torch.zeros_like(w, dtype=torch.bool)
@@ -403,12 +386,6 @@ def injection_benchmark_lm(lm, texts: Sequence[str], layers: Sequence[int] | Non
                              "final_loss": loss, "extractable": extractable, "steps": step,
                              "mask_steps": float(np.mean(table.attrs["steps"])) if "steps" in table.attrs else np.nan,
                              "seconds": table.attrs["seconds"]})
-        finally:
-            with torch.no_grad():
-                for l, (w, _) in mats.items():
-                    w.copy_(saved[l])
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
     return make_result(pd.DataFrame(rows), benchmark="INJ", kind="language model", ratio=ratio, layers=layers,
                        n_texts=len(texts), lr=lr, max_steps=max_steps, stop_loss=stop_loss, seed=seed,
                        methods=list(methods), **lm.settings)
@@ -492,21 +469,12 @@ LM_SEQUENCE_TOKENS = {"word": (3, 2), "gpt2": (8, 8)}
 are 4-6 words; the GPT-2 testbed's biographies are longer)."""
 
 
-def fresh_fact_texts(world, n: int, seed: int = 0) -> list[str]:
-    """``n`` texts the model never saw, in its training format (:func:`memloc.data.facts.counterfactual_texts`: a
-    fact's training prompt completed with another object of the same relation; MemPi injects definitions of
-    entities unseen in training)."""
-    from ..data.facts import counterfactual_texts
-
-    return counterfactual_texts(world, n, seed)
-
-
 def run_groundtruth(run, kind: str, methods: Sequence[str] | None = None, fractions: Sequence[float] | None = None,
                     ratio: float | None = None, n: int | None = None, seed: int = 0, progress: bool = True,
                     device: str = "cpu") -> pd.DataFrame:
     """INJ (``kind="inj"``) or DEL (``"del"``) on a run folder: a classifier run (:class:`~memloc.train.Run`, its
     last epoch, its data) or a language-model run (:class:`~memloc.models.transformer.LMRun`: INJ on
-    :func:`fresh_fact_texts`, DEL on the memorized training texts with the held-out templates' texts for
+    :func:`memloc.data.facts.counterfactual_texts`, DEL on the memorized training texts with the held-out templates' texts for
     perplexity). ``n``: INJ examples / texts, DEL targets. Defaults per kind of run are in the settings."""
     from pathlib import Path
 
@@ -521,7 +489,9 @@ def run_groundtruth(run, kind: str, methods: Sequence[str] | None = None, fracti
         world = lmrun.world
         methods = list(methods or LM_METHODS)
         if kind == "inj":
-            texts = fresh_fact_texts(world, n or 5, seed)
+            from ..data.facts import counterfactual_texts
+
+            texts = counterfactual_texts(world, n or 5, seed)
             return injection_benchmark_lm(lm, texts, ratio=ratio or 0.02, methods=methods, seed=seed,
                                           progress=progress)
         k, m = LM_SEQUENCE_TOKENS.get(lmrun.kind, (8, 8))

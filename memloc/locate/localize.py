@@ -166,23 +166,11 @@ def classifier_targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                    run, extra={"x": x, "y": y})
 
 
-def mlp_value_matrix(model, layer: int) -> tuple[torch.nn.Parameter, bool]:
-    """``(weight, transposed)`` of block ``layer``'s MLP output matrix: row (``transposed``) or column ``i`` is the
-    value vector of hidden unit ``i`` (GPT-2's Conv1D stores ``[d_mlp, d_model]``, nn.Linear ``[d_model, d_mlp]``)."""
-    mod = model.blocks[layer].mlp
-    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
-    for name, p in mod.named_parameters():
-        if p.ndim == 2 and ("out" in name or "c_proj" in name or "W_out" in name):
-            if p.shape == (d_mlp, d_model) and ("c_proj" in name or "W_out" in name or d_mlp != d_model):
-                return p, True
-            if p.shape == (d_model, d_mlp):
-                return p, False
-    raise ConfigError(f"Could not find the MLP output matrix of block {layer}.")
-
-
 def _value_norms(model, layer: int) -> torch.Tensor:
     """Norms of the MLP's value vectors (one per hidden unit) of ``layer``."""
-    w, transposed = mlp_value_matrix(model, layer)
+    from ..models.lm import mlp_out_weight
+
+    _, w, transposed = mlp_out_weight(model, layer)
     return w.detach().norm(dim=1 if transposed else 0).float().cpu()
 
 

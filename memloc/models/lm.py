@@ -373,3 +373,32 @@ def as_lm(model_or_lm, tokenizer=None, prepend_bos: bool | None = None) -> LM:
         raise TypeError("Language-model functions take an LM handle (memloc.LM(model, tokenizer) or "
                         "LM.from_pretrained(folder)); got a model without its tokenizer.")
     return LM(model_or_lm, tokenizer, prepend_bos)
+
+
+OUT_MODULE = "blocks.{}.mlp.out"  # attribute path of the MLP output projection of a TransformerBridge block
+
+
+def mlp_out_weight(model, layer: int, module: str = OUT_MODULE) -> tuple[str, torch.nn.Parameter, bool]:
+    """``(parameter name, weight, transposed)`` of layer ``layer``'s MLP output matrix. ``transposed`` is True for
+    Hugging Face ``Conv1D`` weights stored ``[in, out]`` (GPT-2); ``nn.Linear`` stores ``[out, in]``."""
+    if not hasattr(model, "named_parameters"):  # an LM handle
+        model = model.model
+    mod = model
+    try:
+        for part in module.format(layer).split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"The model has no MLP output module {module.format(layer)!r} (a TransformerBridge has "
+                         f"blocks.L.mlp.out): {e}") from None
+    weights = [p for p in mod.parameters() if p.ndim == 2]
+    if len(weights) != 1:
+        raise ValueError(f"{module.format(layer)!r} must hold one weight matrix; it holds {len(weights)}.")
+    w = weights[0]
+    name = next(n for n, p in model.named_parameters() if p is w)
+    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
+    conv = any(type(m).__name__ == "Conv1D" for m in mod.modules())
+    if tuple(w.shape) == (d_mlp, d_model) and (conv or d_mlp != d_model):
+        return name, w, True
+    if tuple(w.shape) == (d_model, d_mlp):
+        return name, w, False
+    raise ValueError(f"Unexpected MLP output weight shape {tuple(w.shape)} (d_model {d_model}, d_mlp {d_mlp}).")
