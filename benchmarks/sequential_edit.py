@@ -15,7 +15,7 @@ AlphaEdit's projector and earlier keys). Results: ``benchmarks/results/sequentia
 from its folder under ``--work``.
 
     python benchmarks/sequential_edit.py [--threads 2] [--methods memit,alphaedit,rome,r-rome] [--n 1000]
-        [--rome-n 200] [--until K] [--work runs/sequential_edit] [--table]
+        [--rome-n 200] [--until K] [--work runs/sequential_edit] [--table] [--retime] [--take]
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "sequential_edit.json"
+TAKE = {"clamp_norm_factor": 4.0, "v_steps": 50}
+"""With ``--take`` (and the bare prompt as the only template): where one batch of 100 edits takes (48% of 100)."""
 
 
 def main():
@@ -44,6 +46,14 @@ def main():
     ap.add_argument("--until", type=int, default=None, help="stop each method at this many edits (resume later)")
     ap.add_argument("--work", default="runs/sequential_edit")
     ap.add_argument("--table", action="store_true", help="print the table from the results file and stop")
+    ap.add_argument("--take", action="store_true",
+                    help="MEMIT and AlphaEdit with the settings under which batch edits take on this testbed "
+                         "(benchmarks/memit_settings.py: the bare prompt instead of generated prefixes, clamp 4, 50 "
+                         "value steps); folders and result keys METHOD-take")
+    ap.add_argument("--retime", action="store_true",
+                    help="for each method whose folder holds its last state: time one more batch (the last batch's "
+                         "requests again, result discarded) on the model after all its edits, nothing else running; "
+                         "recorded as seconds_per_edit_at_end_alone")
     a = ap.parse_args()
     if a.table:
         print(markdown(json.loads(RESULTS.read_text())))
@@ -78,10 +88,24 @@ def main():
         templates = reference_templates(lm, m, seed=0)
         cfg = (EditConfig(context_templates=templates) if single
                else EditConfig.memit(**GPT2_MEMIT, context_templates=templates))
+        key = m
+        if a.take and not single:
+            key = f"{m}-take"
+            cfg = EditConfig.memit(**{**GPT2_MEMIT, **TAKE}, context_templates=("{}",))
+        if a.retime:
+            entry = results["methods"].get(key)
+            if entry is None:
+                print(f"{m}: no results to retime")
+                continue
+            entry.update(retime(lm, m, records, layers, C, cfg, a.threshold, work / key, entry))
+            write_json(results, RESULTS)
+            print(m, {k: entry[k] for k in ("seconds_per_edit_first_100", "seconds_per_edit_900_1000",
+                                            "seconds_per_edit_at_end_alone", "retimed_at")})
+            continue
         t0 = time.perf_counter()
         table = sequential_edits(lm, records, m, batch=None, every=50 if single else 100, layers=layers,
                                  C={l: C[l] for l in layers}, config=cfg, preserved=preserved,
-                                 threshold=a.threshold, out=work / m, until=a.until, progress=True)
+                                 threshold=a.threshold, out=work / key, until=a.until, progress=True)
         edits = table.attrs["edits"]
         st = table.attrs["settings"]
         c_bytes = sum(C[l].numel() * C[l].element_size() for l in layers)
@@ -101,10 +125,49 @@ def main():
         if m == "memit":
             entry["lambda"] = cfg.mom2_update_weight
         entry["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "context_templates"}
-        results["methods"][m] = entry
+        results["methods"][key] = entry
         write_json(results, RESULTS)
-        print(m, json.dumps({k: v for k, v in entry.items() if k != "checkpoints"}, default=float))
+        print(key, json.dumps({k: v for k, v in entry.items() if k != "checkpoints"}, default=float))
     print(markdown(results))
+
+
+def retime(lm, method, records, layers, C, cfg, threshold, folder, entry) -> dict:
+    """One more batch on the model after all of ``method``'s edits in ``folder`` (state file and, for AlphaEdit,
+    the earlier edits' keys restored as the harness resumes), timed alone: the last batch's requests again."""
+    from safetensors.torch import load_file
+
+    from memloc.edit.rome import alphaedit, memit, mlp_out_weight, null_space, rome
+    from memloc.results import read_json
+
+    prog = read_json(folder / "progress.json")
+    t = load_file(str(folder / prog["state"]))
+    done, batch = int(prog["done"]), int(entry["batch"])
+    params = dict(lm.model.named_parameters())
+    names = [mlp_out_weight(lm.model, l)[0] for l in layers]
+    W0 = {nm: params[nm].detach().clone() for nm in names}
+    space = null_space({l: C[l] for l in layers}, threshold) if method == "alphaedit" else None
+    if space is not None:
+        for l in space.previous:
+            space.previous[l] = t[f"previous.{l}"].double()
+        space.n_previous = int(prog.get("n_previous", 0))
+    reqs = [r.request() for r in records[done - batch:done]]
+    try:
+        with torch.no_grad():
+            for nm in names:
+                params[nm].copy_(W0[nm] + t[f"delta.{nm}"].to(W0[nm].dtype))
+        t0 = time.perf_counter()
+        if method in ("rome", "r-rome"):
+            rome(lm, reqs[0], layers[0], C.get(layers[0]), cfg, outcomes=False)
+        elif method == "memit":
+            memit(lm, reqs, layers, {l: C[l] for l in layers}, cfg, outcomes=False)
+        else:
+            alphaedit(lm, reqs, layers, space, cfg, outcomes=False)
+        secs = time.perf_counter() - t0
+    finally:
+        with torch.no_grad():
+            for nm in names:
+                params[nm].copy_(W0[nm])
+    return {"seconds_per_edit_at_end_alone": round(secs / len(reqs), 3), "retimed_at": done}
 
 
 def markdown(results: dict) -> str:
@@ -117,7 +180,9 @@ def markdown(results: dict) -> str:
             rows.append(f"| {m} | {c['n_edits']} | {c['es']:.1f} | {c['ps']:.1f} | {c['ns']:.1f} | "
                         f"{c.get('specificity', float('nan')):.1f} | {c.get('fluency', float('nan')):.0f} | "
                         f"{c.get('consistency', float('nan')):.1f} | {c['update_rel']:.3f} | {c['collapsed']} | "
-                        f"{e['seconds_per_edit_first_100']}; {e['seconds_per_edit_900_1000']} |")
+                        f"{e['seconds_per_edit_first_100']}; {e['seconds_per_edit_900_1000']}"
+                        + (f"; {e['seconds_per_edit_at_end_alone']} at {e['retimed_at']} alone"
+                           if e.get("seconds_per_edit_at_end_alone") is not None else "") + " |")
     return "\n".join(rows)
 
 

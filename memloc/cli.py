@@ -484,6 +484,10 @@ def _unlearn(a: argparse.Namespace) -> None:
         return _unlearn_lm(a)
     from .validate import ConfigError
 
+    if a.requests is not None:
+        raise ConfigError("--requests (sequential unlearning requests, MUSE's sustainability) is for language-model "
+                          "runs (memloc lm train); this is a classifier run.")
+
     run = _finished_run(a)
     forget = a.forget or "noisy"
     if forget != "noisy":
@@ -566,6 +570,8 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
     methods = None if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
     relearn = _relearn_arg(a)
     params = _method_params(a.param, LM_METHODS)
+    if a.requests is not None:
+        return _unlearn_lm_sequential(a, run, methods, params, relearn)
     _own_out(a, "unlearn")
     table = compare_lm_unlearning(run, a.forget or "canaries", methods, out=a.out, seed=a.seed,
                                   params=params, progress=not a.quiet, relearn=relearn)
@@ -587,6 +593,7 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
           "steps = optimiser steps (oracle: its training)")
     print(f"privleak: {s['privleak']} (0 = like the oracle, negative = leaking); truth_ratio: {s['truth_ratio']} "
           "(mean min(tr, 1/tr); truth_ratio_fq = KS p-value against the oracle's)")
+    print(f"verbmem_forget: {s['verbmem']}; knowmem_*: {s['knowmem']}")
     if s.get("relearn"):
         print(f"relearning attack {json.dumps(s['relearn'])}: relearn_forget_exact_held = extraction / recall of the "
               "forget items not relearned, after relearning the others; retain_relearn_forget_exact = all forget "
@@ -595,6 +602,36 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
         print(table.drop(columns=["ks_can_tell"]).round(3).to_string(index=False))
     folder = Path(s["oracle"]).parent
     print(f"wrote {folder}/table.parquet, {folder}/tradeoff.png and rows/<method>.parquet")
+
+
+def _unlearn_lm_sequential(a: argparse.Namespace, run, methods, params, relearn) -> None:
+    """`memloc unlearn RUN --requests K`: the forget set as K unlearning requests in sequence (MUSE's
+    sustainability)."""
+    import pandas as pd
+
+    from .edit.unlearn_lm import sequential_lm_unlearning
+    from .validate import ConfigError, number
+
+    if relearn is not None:
+        raise ConfigError("--relearn-steps goes with the oracle comparison, not with --requests; run them separately.")
+    number("--requests", a.requests, lo=2, integer=True)
+    _own_out(a, "unlearn")
+    table = sequential_lm_unlearning(run, a.forget or "canaries", methods, a.requests, out=a.out, seed=a.seed,
+                                     params=params, progress=not a.quiet)
+    s = table.attrs["settings"]
+    print(f"run: {run.path}; forget set {s['forget']!r} as {s['requests']} requests, unlearned one after another "
+          f"from the previous model (method seed {s['seed']} + request): " + "; ".join(
+              f"{i + 1}: {', '.join(f)}" for i, f in enumerate(s["folds"])))
+    print("parameters (memloc.edit.unlearn_lm.LM_DEFAULTS unless --param):")
+    for m, p in s["params"].items():
+        print(f"  {m}: {json.dumps(p)}")
+    print("forget_exact / verbmem_forget / knowmem_forget: items requested so far; pending_exact: items not yet "
+          f"requested; recall_train, knowmem_retain ({len(s['knowmem_retain_subjects'])} retained subjects): utility. "
+          "Request 0 = the original model.")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print(table.round(3).to_string(index=False))
+    print(f"wrote {Path(a.out or Path(run.path) / 'unlearn') / s['forget'] / ('sequential_' + str(s['requests']))}"
+          "/table.parquet and sequential.png")
 
 
 def _memorized(a: argparse.Namespace) -> None:
@@ -1044,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
                         "half measured) and, separately, on as many retain examples")
     p.add_argument("--relearn-lr", type=float, default=None, help="relearning attack learning rate (1e-3)")
     p.add_argument("--relearn-fraction", type=float, default=None, help="share of the forget set relearned (0.5)")
+    p.add_argument("--requests", type=int, default=None, metavar="K",
+                   help="language model: instead of the oracle comparison, unlearn the forget set as K requests one "
+                        "after another and measure forgetting and utility after each (MUSE's sustainability)")
     _add_common(p)
 
     p = sub.add_parser("edit", help="ROME / MEMIT: on a language-model run (one edit, or the benchmark), or on your "

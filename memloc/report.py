@@ -23,7 +23,7 @@ __all__ = ["investigate", "DEFAULTS"]
 
 DEFAULTS = {"dataset": "mnist1d", "model": "cnn1d", "noise": 0.1, "seed": 0, "ablate_per_group": 100,
             "curvature_checkpoints": 10, "probe_examples": 2000, "inj_examples": 20, "inj_ratio": 0.05,
-            "del_targets": 10}
+            "del_targets": 10, "membership_models": 8}
 
 
 def _step(out: Path, name: str, fn: Callable[[], pd.DataFrame], log: Callable[[str], None],
@@ -115,6 +115,8 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
     dele = _step(out, "localize_del", lambda: gt.or_skipped(lambda: gt.deletion_benchmark(
         run, n_targets=o["del_targets"], seed=o["seed"], progress=progress)), log,
                  {"n_targets": o["del_targets"]})
+    mem = _step(out, "membership", lambda: _membership(run, o["membership_models"], o["seed"], progress), log,
+                {"n_models": o["membership_models"]})
     kw = dict(max_examples=o["probe_examples"], seed=o["seed"])
     import warnings
     with warnings.catch_warnings():
@@ -139,8 +141,10 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
         "knn.png": lambda: plots.plot_knn_probe(knn),
         "localize_inj.png": lambda: gt.plot_groundtruth(inj),
         "localize_del.png": lambda: gt.plot_groundtruth(dele),
+        "membership.png": lambda: plots.plot_membership(mem),
     }
-    findings = _findings(run, clean, auc, rw, rt, ab, same, dim, knn) + gt.groundtruth_findings(inj, dele)
+    findings = (_findings(run, clean, auc, rw, rt, ab, same, dim, knn) + gt.groundtruth_findings(inj, dele)
+                + _membership_findings(mem))
     sections = [("Training", "learning_curves.png", "Accuracy and loss per epoch; noisy accuracy is against the flipped labels."),
                 ("Which examples are memorized", "scores.png", "Per-example scores, clean vs flipped, with their AUROC."),
                 ("Most and least memorized examples", "gallery.png", "Red titles: flipped labels."),
@@ -153,6 +157,10 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
                 ("Dropping what the localizers find (DEL)", "localize_del.png",
                  "Each memorized noisy example's top units per layer zeroed: is it forgotten, are the other memorized "
                  "examples kept, what does it cost in test accuracy; dashed: as many random units."),
+                ("Membership inference with few reference models", "membership.png",
+                 f"RMIA (Zarifzadeh et al. 2024) and LiRA with the same k reference models of an "
+                 f"{o['membership_models']}-model ensemble (the run's recipe, each on a random half of the training "
+                 "set), against two of its models as targets; the loss attack needs none."),
                 ("Memorizing vs clean-label model", "similarity.png", "Layer-by-layer similarity of the two models."),
                 ("Intrinsic dimension", "dimension.png", "TwoNN per layer, all / clean / flipped examples."),
                 ("k-NN probe", "knn.png", "Where class structure is lost for memorized examples.")]
@@ -163,6 +171,40 @@ def investigate(out: str | Path = "reports/default", *, dataset: str | None = No
         sections=sections, settings=run.config.to_dict(),
         footer="Tables: the <code>*.parquet</code> files next to this page (settings in their metadata); the run: "
                "<code>run/</code>.")
+
+
+def _membership(run, n_models: int, seed: int, progress: bool) -> pd.DataFrame:
+    """RMIA vs LiRA at 1, 2, 4 and n_models - 1 reference models of a half-subset ensemble with ``run``'s recipe."""
+    from .analyses.privacy import rmia_vs_lira
+    from .ensemble import train_ensemble
+
+    if n_models < 2:
+        from .validate import ConfigError
+        raise ConfigError(f"membership_models must be at least 2 (a target and a reference); got {n_models}.")
+    ens = train_ensemble(run, n_models, ratio=0.5, seed=seed, progress=progress)
+    ks = sorted({k for k in (1, 2, 4, n_models - 1) if k <= n_models - 1})
+    return rmia_vs_lira(ens, ks, n_targets=2, seed=seed)
+
+
+def _membership_findings(mem: pd.DataFrame) -> list[str]:
+    t = mem.set_index(["attack", "k"])
+    s = mem.attrs.get("settings", {})
+    ks = sorted(k for k in mem.k.unique() if k > 0)
+    if not ks:
+        return []
+
+    def at(attack, k, col="auc"):
+        return t[col].get((attack, k), float("nan"))
+
+    k0, k1 = ks[0], ks[-1]
+    return [f"Membership inference ({s.get('n_models', '?')}-model ensemble, half the training set each, "
+            f"{s.get('n_targets', '?')} targets, RMIA a {s.get('a', '?')} gamma {s.get('gamma', '?')}): with {k0} "
+            f"reference model RMIA offline reaches AUC {at('rmia_offline', k0):.3f} vs offline LiRA "
+            f"{at('lira_offline', k0):.3f} (on the {at('lira_offline', k0, 'coverage'):.0%} of examples it can score) "
+            f"and the loss attack {at('loss', 0):.3f}; with {k1}: RMIA offline {at('rmia_offline', k1):.3f}, "
+            f"online {at('rmia_online', k1):.3f}, LiRA offline {at('lira_offline', k1):.3f}, online "
+            f"{at('lira_online', k1):.3f}. TPR at 1% FPR (RMIA offline, k = {k1}): "
+            f"{at('rmia_offline', k1, 'tpr_at_1%_fpr'):.3f}."]
 
 
 def _write_report(out: Path, figs: dict, findings: list[str], log, **page) -> Path:
@@ -310,6 +352,9 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
         ex = exposure(lm, world).merge(canary_extraction(lm, world)[["name", "extracted"]], on="name")
         return ex
     ex = _step(out, "exposure", metrics, log)
+    from .analyses.lm_attacks import lm_attack_suite
+
+    attacks = _step(out, "attacks", lambda: lm_attack_suite(lm, world, seed=o["seed"]), log, {"seed": o["seed"]})
     windows = {"resid": 1, "mlp": 1 if o["kind"] == "gpt2" else 2, "attn": 1 if o["kind"] == "gpt2" else 2}
     traces = {k: _step(out, f"trace_{k}", lambda k=k: trace_facts(
         lm, world, k, window=windows[k], seed=o["seed"], limit=o["trace_facts"], progress=progress), log,
@@ -352,7 +397,8 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
     figs["sequential.png"] = lambda: plot_sequential(seq)
     figs["localize_inj.png"] = lambda: gt.plot_groundtruth(inj)
     figs["localize_del.png"] = lambda: gt.plot_groundtruth(dele)
-    findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table, hase)
+    figs["attacks.png"] = lambda: plots.plot_lm_attacks(attacks)
+    findings = _lm_findings(s, ex, traces, kn, effects, edits_table, unlearn_table, hase, attacks)
     findings += gt.groundtruth_findings(inj, dele)
     last = pd.DataFrame([t.iloc[-1] for t in seq.values()])
     findings.append(f"Sequential editing ({o['sequential']} edits; ROME and r-ROME one at a time at layer {rome_layer} "
@@ -360,7 +406,10 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
                     f"layers {memit_layers}): efficacy of all edits / specificity against the unedited model: " + "; ".join(
                         f"{r.method} {r.es:.0f}% / {getattr(r, 'specificity', float('nan')):.0f}%" for r in last.itertuples())
                     + ".")
-    sections = [("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
+    sections = [("Membership attacks on sequences", "attacks.png",
+                 "LOSS, ZLib, Min-K%, Min-K%++ and GradNorm (higher score = member; OpenUnlearning's attack suite) "
+                 "on inserted vs never-inserted canaries and on true vs counterfactual fact statements."),
+                ("Causal tracing: residual stream", "trace_resid.png", "Indirect effect of restoring one state."),
                 ("Causal tracing: MLP outputs", "trace_mlp.png", f"Windows of {windows['mlp']} layer(s)."),
                 ("Causal tracing: attention outputs", "trace_attn.png", f"Windows of {windows['attn']} layer(s)."),
                 ("Does localization inform editing? (Hase et al. 2023)", "trace_vs_edit.png",
@@ -377,7 +426,7 @@ def investigate_lm(out: str | Path = "reports/lm", *, kind: str | None = None, s
                 ("Sequential editing", "sequential.png", "ROME, r-ROME, MEMIT and AlphaEdit, each edit on the model "
                  "edited so far; specificity of never-edited subjects' facts against the unedited model."),
                 ("Unlearning the canaries", "unlearning.png", "Forget vs retain for every method, with the oracle.")]
-    tables = [("Canaries", ex.round(3)), ("Edit benchmark (percent)", edits_table),
+    tables = [("Canaries", ex.round(3)), ("Membership attacks", attacks.round(3)), ("Edit benchmark (percent)", edits_table),
               ("Sequential editing (percent)", pd.concat(list(seq.values()), ignore_index=True)[
                   [c for c in ("method", "n_edits", "es", "ps", "ns", "specificity", "fluency", "update_rel",
                                "collapsed") if c in next(iter(seq.values()))]].round(2)),
@@ -417,7 +466,7 @@ def _sequential_section(out, lm, world, o, rome_layer, memit_layers, memit_confi
     return tables
 
 
-def _lm_findings(s, ex, traces, kn, effects, edits, unlearn, hase=None) -> list[str]:
+def _lm_findings(s, ex, traces, kn, effects, edits, unlearn, hase=None, attacks=None) -> list[str]:
     n_layers = s["n_layers"] if "n_layers" in s else s["model"]["n_layers"]
     f = [f"The {n_layers}-layer testbed recalls {s['fact_recall_train_templates']:.0%} of the facts on "
          f"training templates and {s['fact_recall_heldout_templates']:.0%} on held-out paraphrases."]
@@ -471,4 +520,14 @@ def _lm_findings(s, ex, traces, kn, effects, edits, unlearn, hase=None) -> list[
                      f"bits, fact recall {u.loc[m, 'recall_train']:.0%}")
     f.append("Unlearning the canaries (" + "; ".join(row(m) for m in ("original", "oracle", "grad_ascent", "grad_diff")
                                                     if m in u.index) + ").")
+    if "privleak" in u:
+        f.append("PrivLeak against the oracle (Min-K% AUC of the forget canaries vs never-inserted ones; MUSE's sign: "
+                 "0 = like the oracle, negative = still leaking, positive = over-unlearned): " + ", ".join(
+                     f"{m} {u.loc[m, 'privleak']:+.1f}" for m in u.index if m != "oracle") + ".")
+    if attacks is not None and len(attacks):
+        for name, g in attacks.groupby("set", sort=False):
+            g = g.sort_values("auc", ascending=False)
+            f.append(f"Membership attacks on {name} ({int(g.n_members.iloc[0])} members vs "
+                     f"{int(g.n_nonmembers.iloc[0])} non-members of the same format): AUC " + ", ".join(
+                         f"{r.attack} {r.auc:.3f}" for r in g.itertuples()) + ".")
     return f

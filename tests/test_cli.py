@@ -23,15 +23,17 @@ def test_investigate_writes_a_report_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     rep = tmp_path / "rep"
     for name in ("run/summary.json", "clean_run/summary.json", "scores.parquet", "rewind.parquet", "ablate.parquet",
-                 "same_layer.parquet", "knn.parquet", "findings.txt"):
+                 "same_layer.parquet", "knn.parquet", "membership.parquet", "findings.txt"):
         assert (rep / name).exists(), name
     page = (rep / "index.html").read_text()
-    for img in ("learning_curves.png", "scores.png", "rewind.png", "retrain.png", "ablate.png", "similarity.png"):
+    for img in ("learning_curves.png", "scores.png", "rewind.png", "retrain.png", "ablate.png", "similarity.png",
+                "membership.png"):
         assert f"src='{img}'" in page and (rep / img).read_bytes()[:4] == b"\x89PNG"
     # 6 epochs fit none of the flipped labels: the report says so instead of "median 0 units" from unfit examples
     findings = (rep / "findings.txt").read_text()
     assert "Greedy ablation has no finding: the model fits none of the noisy examples" in findings
     assert "144 noisy examples the model does not fit were left out" in findings
+    assert "with 1 reference model RMIA offline reaches AUC" in findings
     capsys.readouterr()
     stamp = (rep / "ablate.parquet").stat().st_mtime_ns
     assert main(args) == 0  # resumes: finished steps are reused, not recomputed

@@ -6,8 +6,8 @@ import torch
 
 from memloc.analyses.lm import canary_extraction, fact_recall
 from memloc.edit.unlearn import unlearn
-from memloc.edit.unlearn_lm import (LM_METHODS, LMTask, compare_lm_unlearning, lm_forget_split, lm_task,
-                                    train_lm_oracle)
+from memloc.edit.unlearn_lm import (LM_METHODS, LMTask, _holdout_canaries, compare_lm_unlearning, lm_forget_split,
+                                    lm_task, train_lm_oracle)
 from memloc.hooks import ablate
 from memloc.models.transformer import lm_loss
 
@@ -222,3 +222,72 @@ def test_truth_ratio_and_relearning_on_forgotten_subjects(lm, tmp_path):
     # the held-out ones on the unlearned model than on the oracle (whose gain is only the relation's prior)
     gain = {k: r["relearn_forget_exact_held"] - r["forget_exact_held_before"] for k, r in (("ga", r_ga), ("o", r_o))}
     assert r_ga["relearn_forget_exact_held"] > r_o["relearn_forget_exact_held"] + 0.2 and gain["ga"] > gain["o"]
+
+
+def test_rouge_verbatim_and_knowledge_memorization(lm):
+    from memloc.analyses.lm import fact_recall, knowledge_memorization, rouge_l, verbatim_memorization
+
+    # ROUGE-L by hand: LCS "a c d" of 4 and 4 words -> P = R = F = 3/4; the stemmer matches "running" and "run"
+    assert rouge_l(["a b c d", "running fast"], ["a c d e", "run fast"]).tolist() == pytest.approx([0.75, 1.0])
+    assert rouge_l(["x y"], ["a b c"], "recall")[0] == 0.0
+    with pytest.raises(ValueError, match="kind"):
+        rouge_l(["a"], ["a"], "bleu")
+    h, world = lm.lm(), lm.world
+    train = world.training_text()
+    v = verbatim_memorization(h, train[:40])
+    assert (v.n_prompt >= 1).all() and (v.n_truth >= 1).all()
+    # every decoded prompt + truth is the text again, and a perfectly continued text scores 1
+    assert all(h.join(p, t) == x for p, t, x in zip(v.prompt, v.truth, v.text))
+    assert (v.rouge[v.generated == v.truth] == 1.0).all() and v.rouge.mean() > 0.6
+    fresh = [c.text for c in _holdout_canaries(world, 8, 3)]
+    assert verbatim_memorization(h, fresh).rouge.mean() < v.rouge.mean()
+    k = knowledge_memorization(h, world, "train")
+    r = fact_recall(h, world, "train")
+    # a right greedy answer scores 1 (its sentence's full stop cut off); a wrong one-word answer scores 0
+    assert (k.rouge.to_numpy()[r.correct.to_numpy()] == 1.0).all()
+    assert (k.rouge.to_numpy()[~r.correct.to_numpy()] < 1.0).all()
+    with pytest.raises(ValueError, match="prefix_fraction"):
+        verbatim_memorization(h, train[:2], prefix_fraction=1.0)
+
+
+def test_sequential_unlearning_requests(lm, tmp_path):
+    from memloc.edit.unlearn_lm import SEQUENTIAL_COLUMNS, sequential_lm_unlearning
+
+    t = sequential_lm_unlearning(lm, "subjects:6", ["grad_ascent"], requests=3, out=tmp_path, progress=False,
+                                 params={"grad_ascent": {"steps": 40}})
+    assert list(t.columns) == SEQUENTIAL_COLUMNS and t.request.tolist() == [0, 1, 2, 3]
+    assert t.n_items.tolist() == [0, 2, 4, 6] and np.isnan(t.forget_exact.iloc[0]) and np.isnan(t.pending_exact.iloc[-1])
+    # each request forgets its own subjects: what was requested is recalled less than before it was requested
+    assert t.forget_exact.iloc[-1] < t.pending_exact.iloc[0]
+    assert (tmp_path / "subjects_6" / "sequential_3" / "sequential.png").exists() or \
+        any(tmp_path.glob("*/sequential_3/sequential.png"))
+    again = sequential_lm_unlearning(lm, "subjects:6", ["grad_ascent"], requests=3, out=tmp_path, progress=False,
+                                     params={"grad_ascent": {"steps": 40}})
+    assert again.seconds.tolist() == t.seconds.tolist()  # reused
+    with pytest.raises(ValueError, match="requests"):
+        sequential_lm_unlearning(lm, "subjects:6", ["grad_ascent"], requests=7, out=tmp_path, progress=False)
+    from memloc.cli import main
+
+    args = ["unlearn", str(lm.path), "--forget", "subjects:6", "--method", "grad_ascent", "--param",
+            "grad_ascent.steps=40", "--out", str(tmp_path), "--quiet", "--threads", "1"]
+    assert main(args + ["--requests", "3"]) in (0, None)  # the rows above are reused
+    assert main(args + ["--requests", "1"]) == 2 and main(args + ["--requests", "3", "--relearn-steps", "5"]) == 2
+
+
+def test_bio_world_holdout_is_fresh_biographies_of_the_same_format():
+    from memloc.data.bios import make_bio_world
+
+    w = make_bio_world(30, seed=1)
+    s = lm_forget_split(w, "subjects:4")
+    members, hold = [s.texts[i] for i in s.members], [s.texts[i] for i in s.holdout]
+    assert len(hold) == len(members) == 4 * w.settings["bios"]
+    names = s.info.subject.iloc[s.holdout].tolist()
+    assert not set(names) & (set(w.subjects) | {c.name for c in w.canaries}) and not set(hold) & set(w.training_text())
+    # told like a training biography: the name first, one sentence per relation from the training templates
+    starts = [[t.split("{s}")[1].strip() for t in tmpl[1]] for tmpl in w.relations.values()]
+    for who, text in zip(names, hold):
+        assert text.startswith(who + " ")
+        sentences = [x for x in text.split(".") if x.strip()]
+        assert len(sentences) == len(w.relations)
+        assert all(any(any(st in x for st in rel) for x in sentences) for rel in starts)
+    assert w.fresh_biographies(5, seed=0) == w.fresh_biographies(5, seed=0) != w.fresh_biographies(5, seed=1)

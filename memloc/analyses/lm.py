@@ -16,7 +16,8 @@ import torch
 from ..results import make_result
 
 __all__ = ["next_token_logprobs", "target_scores", "fact_items", "fact_recall", "canary_extraction", "exposure",
-           "token_accuracy", "memorized_sequences", "counterfactual_memorization"]
+           "token_accuracy", "memorized_sequences", "counterfactual_memorization", "rouge_l", "verbatim_memorization",
+           "knowledge_memorization"]
 
 
 def _lm(lm):
@@ -213,6 +214,103 @@ def exposure(lm, secrets, max_candidates: int = 10_000, seed: int = 0) -> pd.Dat
                      "exposure": math.log2(space.size) - math.log2(rank), "max_exposure": math.log2(space.size),
                      "log_perplexity": -true, "method": method, "scoring": how, "exact": method == "exact"})
     return make_result(pd.DataFrame(rows), max_candidates=max_candidates, seed=seed, **lm.settings)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], kind: str = "f1") -> np.ndarray:
+    """ROUGE-L of each prediction against its reference with Google's ``rouge_score`` (Porter stemmer on, as
+    OpenUnlearning and MUSE score; lower-cased words, punctuation dropped): ``kind`` ``"f1"`` (MUSE's VerbMem and
+    KnowMem in OpenUnlearning, ``rougeL_f1``) or ``"recall"`` (TOFU's ``rougeL_recall``). An empty reference and
+    an empty prediction score 0."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as e:  # pragma: no cover - installed with memloc[lm]
+        raise ImportError("ROUGE needs the rouge-score package: pip install 'memloc[lm]' (or rouge-score).") from e
+    if kind not in ("f1", "recall", "precision"):
+        raise ValueError(f"kind must be 'f1', 'recall' or 'precision'; got {kind!r}.")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    attr = {"f1": "fmeasure", "recall": "recall", "precision": "precision"}[kind]
+    return np.asarray([getattr(scorer.score(r, p)["rougeL"], attr) for p, r in zip(predictions, references)], float)
+
+
+def _cut_at_eos(lm, ids: list[int]) -> list[int]:
+    return ids[:ids.index(lm.eos_id)] if lm.eos_id is not None and lm.eos_id in ids else ids
+
+
+def verbatim_memorization(lm, texts: Sequence[str], prefix_fraction: float = 0.5, kind: str = "f1",
+                          batch_size: int = 64) -> pd.DataFrame:
+    """MUSE's verbatim memorization (VerbMem): prompt with the first ``prefix_fraction`` of each text's tokens (at
+    least one, at most all but one), decode greedily as many tokens as the rest has, and score the decoded
+    continuation (up to an end-of-text token) against the true one with :func:`rouge_l` (``kind``). Per text:
+    ``text, prompt, truth, generated, n_prompt, n_truth, rouge``; the mean is the VerbMem score (0-1; MUSE
+    prompts with 32 tokens of a news article and generates 128, a ratio the sentences of a testbed cannot have,
+    hence the fraction)."""
+    from ..validate import number
+
+    lm = _lm(lm)
+    number("prefix_fraction", prefix_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to score.")
+    b = 1 if lm.prepend_bos else 0
+    prompts, truths = [], []
+    for t in texts:
+        ids = lm.encode(t)
+        k = len(ids) - b
+        if k < 2:
+            raise ValueError(f"{t!r} has {k} token(s); verbatim memorization needs at least 2 (a prompt and a rest).")
+        cut = b + min(k - 1, max(1, int(round(prefix_fraction * k))))
+        prompts.append(ids[:cut])
+        truths.append(ids[cut:])
+    gen: list[list[int]] = [None] * len(texts)  # type: ignore[list-item]
+    by_len: dict[int, list[int]] = {}
+    for i, tr in enumerate(truths):
+        by_len.setdefault(len(tr), []).append(i)
+    for n, idx in by_len.items():
+        for i, g in zip(idx, lm.generate([prompts[i] for i in idx], n, batch_size)):
+            gen[i] = _cut_at_eos(lm, g)
+    truth_s = [lm.decode(tr) for tr in truths]
+    gen_s = [lm.decode(g) for g in gen]
+    df = pd.DataFrame({"text": texts, "prompt": [lm.decode(p[b:]) for p in prompts], "truth": truth_s,
+                       "generated": gen_s, "n_prompt": [len(p) - b for p in prompts],
+                       "n_truth": [len(tr) for tr in truths], "rouge": rouge_l(gen_s, truth_s, kind)})
+    return make_result(df, metric=f"VerbMem: ROUGE-L {kind} of the greedy continuation", prefix_fraction=prefix_fraction,
+                       **lm.settings)
+
+
+def knowledge_memorization(lm, facts, split: str = "heldout", kind: str = "f1", extra_tokens: int = 0,
+                           stop: Sequence[str] = (".", "\n"), batch_size: int = 64) -> pd.DataFrame:
+    """MUSE's knowledge memorization (KnowMem) on facts asked in other words than the training text: each prompt
+    of ``split`` (default the world's held-out templates; or records with ``prompt`` and ``object``, as for
+    :func:`fact_recall`) is decoded greedily for the object's token count + ``extra_tokens`` tokens (default 0:
+    an answer as long as the object, whatever the text format; stopping at end-of-text), the answer is cut at the
+    first ``stop`` string (MUSE / OpenUnlearning generate up to 32 tokens and stop at blank lines and "Question:";
+    a GPT-2 testbed sentence ends with a full stop, a word testbed's sentence has none), and scored against the
+    object with :func:`rouge_l`.
+    Per prompt: ``subject, relation, object, prompt, answer, rouge``; the mean is KnowMem (0-1). MUSE asks
+    questions with few-shot examples; the testbed's held-out templates are its paraphrased questions."""
+    lm = _lm(lm)
+    df = fact_items(facts, split)
+    if df.empty:
+        raise ValueError("No facts to score.")
+    if not isinstance(extra_tokens, int) or extra_tokens < 0:
+        raise ValueError(f"extra_tokens must be an int >= 0; got {extra_tokens!r}.")
+    n_obj = [len(lm.target_ids(o, p)) for p, o in zip(df.prompt, df.object)]
+    answers: list[str] = [""] * len(df)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(n_obj):
+        by_len.setdefault(n + extra_tokens, []).append(i)
+    for n, idx in by_len.items():
+        for i, g in zip(idx, lm.generate([df.prompt.iloc[i] for i in idx], n, batch_size)):
+            a = lm.decode(_cut_at_eos(lm, g))
+            for s in stop:
+                a = a.split(s)[0]
+            answers[i] = a.strip()
+    df["answer"] = answers
+    df["rouge"] = rouge_l(answers, df.object.astype(str).tolist(), kind)
+    return make_result(df, split=split, metric=f"KnowMem: ROUGE-L {kind} of the greedy answer",
+                       extra_tokens=extra_tokens, stop=list(stop), **lm.settings)
 
 
 def token_accuracy(lm, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

@@ -428,6 +428,56 @@ def plot_knowledge_neurons(neurons: pd.DataFrame, effects: dict):
     return fig
 
 
+def plot_membership(table: pd.DataFrame):
+    """AUC and TPR at 1% FPR against the number of reference models for each attack of
+    :func:`memloc.analyses.privacy.rmia_vs_lira` (the loss attack, which needs none, as a line)."""
+    import matplotlib.pyplot as plt
+
+    s = table.attrs.get("settings", {})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, col in zip(axes, ("auc", "tpr_at_1%_fpr")):
+        for attack, g in table[table.k > 0].groupby("attack", sort=False):
+            style = "-" if attack.startswith("rmia") else "--"
+            ax.plot(g.k, g[col], style, marker="o", label=attack)
+        loss = table[table.attack == "loss"]
+        if len(loss):
+            ax.axhline(float(loss[col].iloc[0]), color="gray", lw=1, label="loss (no reference)")
+        ks = sorted(int(k) for k in table.k.unique() if k > 0)
+        ax.set(xscale="log", xlabel="reference models k", ylabel=col.replace("_", " "))
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Membership inference: {s.get('n_models', '?')}-model ensemble, {s.get('n_targets', '?')} targets, "
+                 f"RMIA a = {s.get('a', '?')}, gamma = {s.get('gamma', '?')} (offline LiRA scores only examples some "
+                 "reference left out)", fontsize=8)
+    return fig
+
+
+def plot_lm_attacks(table: pd.DataFrame):
+    """AUC of each sequence membership attack per member / non-member set
+    (:func:`memloc.analyses.lm_attacks.lm_attack_suite`)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sets = list(dict.fromkeys(table.set))
+    attacks = list(dict.fromkeys(table.attack))
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(attacks) * max(1, len(sets)), 3.6), constrained_layout=True)
+    w = 0.8 / max(1, len(sets))
+    x = np.arange(len(attacks))
+    for j, name in enumerate(sets):
+        g = table[table.set == name].set_index("attack").reindex(attacks)
+        n = f"{int(g.n_members.dropna().iloc[0])} vs {int(g.n_nonmembers.dropna().iloc[0])}"
+        ax.bar(x + (j - (len(sets) - 1) / 2) * w, g.auc, w, label=f"{name} ({n})")
+    ax.axhline(0.5, color="gray", lw=1, ls="--")
+    ax.set(xticks=x, xticklabels=attacks, ylabel="AUC (member vs non-member)", ylim=(0, 1.02))
+    ax.legend(fontsize=7, loc="lower right")
+    s = table.attrs.get("settings", {})
+    ax.set_title(f"Sequence membership attacks (k = {s.get('k', '?')} for Min-K%, seed {s.get('seed', '?')})",
+                 fontsize=9)
+    return fig
+
+
 def plot_trace_vs_edit(per_layer: pd.DataFrame, by_layer: pd.DataFrame | None = None):
     """Hase et al.'s question, from :func:`memloc.edit.evaluate.trace_vs_edit`: left, each (fact, layer)'s tracing
     effect against ROME's success there (rewrite + paraphrase margin), coloured by layer; right, per layer, the mean

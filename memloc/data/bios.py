@@ -117,6 +117,37 @@ class BioWorld(FactWorld):
             out += [c.text] * c.repeats
         return out
 
+    def fresh_biographies(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        """``n`` ``(name, biography)`` pairs of people who are not in the world, told exactly as the training
+        biographies are (the same templates, sentence shuffling, pronoun rule and name pools: unused (first, last)
+        pairs of the world's own first and last names, so no name is new to the tokenizer), each attribute drawn
+        uniformly from its relation's objects: non-members of the same format for membership inference."""
+        s = self.settings
+        if s.get("kind") != "bios" or "n_first" not in s:
+            raise ValueError("fresh_biographies needs a world made by make_bio_world.")
+        rng = np.random.default_rng(self.seed)  # replays make_bio_world's name pools
+        taken: set[str] = set()
+        first, last = _names(rng, int(s["n_first"]), taken), _names(rng, int(s["n_last"]), taken)
+        used = set(self.subjects) | {c.name for c in self.canaries}
+        free = [f"{a} {b}" for a in first for b in last if f"{a} {b}" not in used]
+        if n > len(free):
+            raise ValueError(f"Only {len(free)} unused name pairs are left for fresh biographies; asked for {n}.")
+        rng = np.random.default_rng([self.seed, seed, 29])
+        out = []
+        for i in rng.permutation(len(free))[:n]:
+            who = free[int(i)]
+            pronoun = "He" if rng.random() < 0.5 else "She"
+            sentences = []
+            rels = list(self.relations)
+            for j, k in enumerate(rng.permutation(len(rels))):
+                objects, train, _ = self.relations[rels[int(k)]]
+                obj = objects[int(rng.integers(len(objects)))]
+                t = train[int(rng.integers(len(train)))]
+                name = who if j == 0 or rng.random() < float(s["name_prob"]) else pronoun
+                sentences.append(f"{t.format(s=name)} {obj}.")
+            out.append((who, " ".join(sentences)))
+        return out
+
     def new_names(self, n: int, rng: np.random.Generator) -> list[str]:
         """``n`` two-part names made from new first and last names, none of them a person or canary of the
         world."""

@@ -20,7 +20,9 @@ every training sentence about it: its fact sentences and its profile sentences. 
 sentence. Holdout (non-members for membership inference): for canaries, ``n_holdout`` canaries generated the
 same way (new syllable names, new secrets of the same length) but never inserted (their names are not in the
 vocabulary, so they read as ``<unk>``, like any unseen name); for subjects, the forgotten facts in their held-out
-paraphrase templates. Membership and forget quality are measured on the *continuation* loss of the distinct forget
+paraphrase templates, or, on a biography world (the GPT-2 testbed, whose training texts are biographies), as many
+biographies of people never trained on as the forget set has (:meth:`memloc.data.bios.BioWorld.fresh_biographies`:
+the same templates and name pools, attributes drawn at random), so members and non-members have the same format. Membership and forget quality are measured on the *continuation* loss of the distinct forget
 sentences of the holdout's kind (each canary once; the subjects' training-template fact sentences), so the
 template words around it do not decide them.
 
@@ -299,8 +301,15 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
         for c in _holdout_canaries(world, n_holdout, len(f_canaries[0].secret)):
             holdout_texts.append(c.text)
             rows.append(canary_row("holdout_canary", c))
+    bios = world.settings.get("kind") == "bios"
+    if f_subjects and bios:  # biographies of people never trained on, as many as the forget set's distinct ones
+        n_bio = len({t for t, r in zip(texts, rows) if r["kind"] == "bio" and r["subject"] in set(f_subjects)})
+        for who, t in world.fresh_biographies(n_bio):
+            holdout_texts.append(t)
+            rows.append({"kind": "holdout_bio", "subject": who, "relation": None, "prompt": None, "target": None,
+                         "choices": None, "continuation": t[len(who) + 1:]})
     for f in world.facts:
-        if f.subject in f_subjects:
+        if f.subject in f_subjects and not bios:
             for t in world.relations[f.relation][2]:
                 holdout_texts.append(f"{t.format(s=f.subject)} {f.object}")
                 rows.append(fact_row("holdout_fact", f, t.replace("{s}", "{}")))
@@ -468,10 +477,32 @@ def _zero_mlp_neurons(model, chosen: dict[int, list[int]]) -> dict[str, int]:
     return changed
 
 
+_ATTRIBUTIONS: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_attribution(ref, task: LMTask, ids, layers: list[int], ig_steps: int) -> torch.Tensor:
+    """:func:`attributed_neurons`, remembered for the same weights, task texts, ids, layers and steps (the last
+    4): ``random_neurons`` needs ``zero_neurons``' per-layer counts, and on a biography testbed the attribution of
+    every continuation token is minutes of work."""
+    h = hashlib.sha1()
+    for n, t in sorted(ref.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(task.tokens.numpy().tobytes())
+    h.update(task.suffix.numpy().tobytes())
+    h.update(np.asarray(ids, np.int64).tobytes())
+    key = (h.hexdigest(), tuple(layers), int(ig_steps))
+    if key not in _ATTRIBUTIONS:
+        while len(_ATTRIBUTIONS) >= 4:
+            _ATTRIBUTIONS.pop(next(iter(_ATTRIBUTIONS)))
+        _ATTRIBUTIONS[key] = attributed_neurons(ref, task, ids, layers, ig_steps)
+    return _ATTRIBUTIONS[key].clone()
+
+
 def _neurons_method(random: bool):
     def run(new, ref, task, forget_ids, retain_ids, p, seed, progress):
         layers = list(range(ref.cfg.n_layers)) if p["layers"] is None else [int(l) for l in p["layers"]]
-        scores = attributed_neurons(ref, task, forget_ids, layers, p["ig_steps"])  # [layers, d_mlp]
+        scores = _cached_attribution(ref, task, forget_ids, layers, p["ig_steps"])  # [layers, d_mlp]
         top = torch.argsort(scores.flatten(), descending=True, stable=True)[:p["n_neurons"]]
         d = scores.shape[1]
         chosen: dict[int, list[int]] = {}
@@ -598,13 +629,27 @@ def _item_names(split: LMSplit, ids) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _forget_exact(lm, split: LMSplit, world: FactWorld, items) -> float:
+    """Greedy extraction of the canaries and top-1 training-template recall of the subjects among ``items``."""
+    from ..analyses.lm import canary_extraction, fact_recall
+
+    items = set(items)
+    cs = [c for c in split.canaries if c.name in items]
+    subj = [s_ for s_ in split.subjects if s_ in items]
+    parts = []
+    if cs:
+        parts.append(canary_extraction(lm, _only(world, canaries=cs)).extracted.to_numpy(bool))
+    if subj:
+        parts.append(fact_recall(lm, _only(world, subjects=subj), "train").correct.to_numpy(bool))
+    return float(np.concatenate(parts).mean())
+
+
 def lm_relearn_row(model, task: "LMTask", split: LMSplit, world: FactWorld, attack: dict, seed: int = 0) -> dict:
     """The relearning attack on a language model: fine-tune on the training texts of a seeded ``fraction`` of
     the forget *items* (canaries or subjects; :data:`memloc.edit.unlearn.RELEARN_DEFAULTS` for the steps), then
     measure the items the attack did not show: ``forget_exact_held_before`` / ``relearn_forget_exact_held``
     (canary extraction or fact recall of the held items before / after) and ``retain_relearn_forget_exact`` (all
     forget items after fine-tuning on as many retain texts instead)."""
-    from ..analyses.lm import canary_extraction, fact_recall
     from ..models.lm import LM
     from ..validate import number
 
@@ -622,20 +667,22 @@ def lm_relearn_row(model, task: "LMTask", split: LMSplit, world: FactWorld, atta
     kw = {x: p[x] for x in ("steps", "lr", "batch_size")}
 
     def exact(m, items):
-        lm = LM(m, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
-        cs = [c for c in split.canaries if c.name in set(items)]
-        subj = [s_ for s_ in split.subjects if s_ in set(items)]
-        parts = []
-        if cs:
-            parts.append(canary_extraction(lm, _only(world, canaries=cs)).extracted.to_numpy(bool))
-        if subj:
-            parts.append(fact_recall(lm, _only(world, subjects=subj), "train").correct.to_numpy(bool))
-        return float(np.concatenate(parts).mean())
+        return _forget_exact(LM(m, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name), split, world, items)
 
     a = relearn(model, task, ids, seed=seed, **kw)
     b = relearn(model, task, retain, seed=seed, **kw)
     return {"forget_exact_held_before": exact(model, held), "relearn_forget_exact_held": exact(a, held),
             "retain_relearn_forget_exact": exact(b, names)}
+
+
+KNOWMEM_RETAIN_SUBJECTS = 20
+"""Retained subjects (a seeded sample) whose held-out-template facts give ``knowmem_retain``."""
+
+
+def _retain_sample(world: FactWorld, split: LMSplit, n: int = KNOWMEM_RETAIN_SUBJECTS) -> list[str]:
+    kept = [s_ for s_ in world.subjects if s_ not in set(split.subjects)]
+    rng = np.random.default_rng(4321)
+    return [kept[int(i)] for i in sorted(rng.permutation(len(kept))[:n])]
 
 
 def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld, oracle_losses=None,
@@ -645,7 +692,11 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
     ``mink_auc`` (Min-K%, k 0.4, distinct forget texts vs holdout: PrivLeak's AUC), ``truth_ratio`` (mean of
     ``min(tr, 1/tr)`` over the forgotten subjects' facts, :func:`truth_ratios`; NaN for canaries, which have no
     paraphrase) and, with the oracle's truth ratios, ``truth_ratio_fq`` (OpenUnlearning's forget quality: the KS
-    p-value between the two truth-ratio distributions).
+    p-value between the two truth-ratio distributions); MUSE's ``verbmem_forget`` (ROUGE-L F1 of the greedy
+    continuation of each distinct forget text's second half, :func:`memloc.analyses.lm.verbatim_memorization`),
+    ``knowmem_forget`` and ``knowmem_retain`` (ROUGE-L F1 of greedy answers to the held-out-template prompts of the
+    forgotten subjects' facts, NaN for canaries, and of :data:`KNOWMEM_RETAIN_SUBJECTS` retained subjects' facts:
+    MUSE's utility; :func:`memloc.analyses.lm.knowledge_memorization`).
     Exposure ranks the secret among all digit strings up to ``exposure_candidates`` (4 digits: 10^4, exact; about
     40 s per model on one thread), among a sample of that many beyond."""
     from ..analyses.lm import canary_extraction, exposure, fact_recall
@@ -683,6 +734,16 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
     texts = [split.texts[i] for i in split.members] + [split.texts[i] for i in split.holdout]
     mk = attack_scores(lm, texts, ["mink"], k=0.4).mink.to_numpy()
     row["mink_auc"] = roc_summary(mk, np.r_[np.ones(len(split.members), bool), np.zeros(len(split.holdout), bool)])["auc"]
+    # MUSE: verbatim memorization of the distinct forget texts, knowledge memorization of the forgotten and of
+    # (a seeded sample of) the retained subjects' facts asked with held-out templates
+    from ..analyses.lm import knowledge_memorization, verbatim_memorization
+
+    forget_texts = list(dict.fromkeys(split.texts[i] for i in split.forget))
+    row["verbmem_forget"] = float(verbatim_memorization(lm, forget_texts).rouge.mean())
+    row["knowmem_forget"] = (float(knowledge_memorization(lm, _only(world, subjects=split.subjects)).rouge.mean())
+                             if split.subjects else np.nan)
+    row["knowmem_retain"] = float(knowledge_memorization(lm, _only(world, subjects=_retain_sample(world, split))
+                                                         ).rouge.mean())
     tr = truth_ratios(lm, world, split.subjects) if split.subjects else np.zeros(0)
     row["truth_ratio"] = float(np.mean(np.minimum(tr, 1 / tr))) if len(tr) else np.nan
     row["truth_ratio_fq"] = (forget_quality(tr, oracle_truth)[1] if oracle_truth is not None and len(tr)
@@ -692,7 +753,8 @@ def evaluate_lm_unlearning(model, task: LMTask, split: LMSplit, world: FactWorld
 
 COLUMNS = ["method", "forget_exact", "forget_exposure", "other_canaries", "recall_train", "recall_heldout",
            "forget_loss", "mia_auc", "ks_stat", "ks_p", "ks_can_tell", "mink_auc", "privleak", "truth_ratio",
-           "truth_ratio_fq", "changed_entries", "steps", "seconds"]
+           "truth_ratio_fq", "verbmem_forget", "knowmem_forget", "knowmem_retain", "changed_entries", "steps",
+           "seconds"]
 RELEARN_COLUMNS = ["forget_exact_held_before", "relearn_forget_exact_held", "retain_relearn_forget_exact"]
 
 
@@ -743,12 +805,18 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
             "exposure_candidates": exposure_candidates,
             "mia": "loss attack on continuation NLL, distinct forget items vs holdout (" +
                    ("never-inserted canaries" if split.canaries else "") + (" + " if split.canaries and
-                   split.subjects else "") + ("held-out-template prompts" if split.subjects else "") + ")",
+                   split.subjects else "") + (("biographies of people never trained on" if
+                                               world.settings.get("kind") == "bios" else "held-out-template prompts")
+                                              if split.subjects else "") + ")",
             "forget_quality": "two-sample KS test of per-item forget continuation NLL vs the oracle's",
             "privleak": "Min-K% (k 0.4) AUC, distinct forget texts vs holdout, against the oracle's (MUSE's sign)",
             "truth_ratio": "TOFU's P(perturbed) / P(correct) per forgotten fact, the question paraphrased by the "
                            "first held-out template, 3 other objects of the relation as perturbed answers",
-            "relearn": None if relearn is None else {**RELEARN_DEFAULTS, **relearn}, "evaluation": 2}
+            "verbmem": "MUSE's VerbMem: ROUGE-L F1 of the greedy continuation of the second half of each distinct "
+                       "forget text",
+            "knowmem": f"MUSE's KnowMem: ROUGE-L F1 of greedy answers to held-out-template prompts (forgotten "
+                       f"subjects; {KNOWMEM_RETAIN_SUBJECTS} seeded retained subjects for knowmem_retain)",
+            "relearn": None if relearn is None else {**RELEARN_DEFAULTS, **relearn}, "evaluation": 3}
     keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates", "relearn",
             "evaluation")
 
@@ -856,4 +924,127 @@ def plot_lm_tradeoff(table: pd.DataFrame):
                  f"oracle retrained without them ({s.get('oracle_epochs', '?')} epochs); method seed "
                  f"{s.get('seed', '?')}; KS power p = {s.get('ks_power_p', float('nan')):.2g}\n"
                  + textwrap.fill(params, 230), fontsize=7)
+    return fig
+
+
+SEQUENTIAL_COLUMNS = ["method", "request", "n_items", "forget_exact", "verbmem_forget", "knowmem_forget",
+                      "pending_exact", "recall_train", "knowmem_retain", "seconds"]
+
+
+def sequential_lm_unlearning(run, forget: str | Sequence[str] = "subjects:20", methods: Sequence[str] | None = None,
+                             requests: int = 4, out: str | Path | None = None, seed: int = 0,
+                             params: dict[str, dict] | None = None, progress: bool = True) -> pd.DataFrame:
+    """MUSE's sustainability: the forget items (canaries or subjects, in the split's order) come as ``requests``
+    unlearning requests of about equal size; each method unlearns request ``i`` from the model left by request
+    ``i - 1`` (same retain set, the split's; method seed ``seed + i``). After each request, on the items
+    requested so far: ``forget_exact`` (canary extraction / training-template fact recall), ``verbmem_forget``,
+    ``knowmem_forget`` (NaN for canaries); on the items not yet requested: ``pending_exact`` (collateral
+    forgetting ahead of the request); utility: ``recall_train`` of the split's retained subjects and
+    ``knowmem_retain`` (:data:`KNOWMEM_RETAIN_SUBJECTS` of them). Request 0 is the original model.
+
+    ``out`` (default ``RUN/unlearn``) gets ``<split name>/sequential_<requests>/<method>.parquet`` (reused when the
+    parameters and seed match), ``table.parquet`` and ``sequential.png``. Columns :data:`SEQUENTIAL_COLUMNS`.
+    """
+    from tqdm.auto import tqdm
+
+    from ..analyses.lm import knowledge_memorization, verbatim_memorization
+    from ..models.lm import LM
+
+    if run.summary is None:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc lm train` command first.")
+    methods = list(LM_METHODS) if methods is None else list(methods)
+    bad = [m for m in methods if m not in LM_METHODS]
+    if bad or not methods:
+        raise ValueError(f"Unknown unlearning method(s) {bad} for a language model; valid methods are "
+                         f"{list(LM_METHODS)} (or 'all').")
+    params = params or {}
+    for m in params:
+        if m not in methods:
+            raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
+    world = run.world
+    split = lm_forget_split(world, forget)
+    names = _item_names(split, split.forget)
+    if isinstance(requests, bool) or not isinstance(requests, int) or not 2 <= requests <= len(names):
+        raise ValueError(f"requests must be an int from 2 to the number of forget items ({len(names)} in "
+                         f"{split.name}); got {requests!r}.")
+    folds = [list(f) for f in np.array_split(np.asarray(names, dtype=object), requests)]
+    task = lm_task(run.lm(), split)
+    retained = _retain_sample(world, split)
+    kept_world = _only(world, subjects=[s_ for s_ in world.subjects if s_ not in set(split.subjects)])
+    folder = Path(out or Path(run.path) / "unlearn") / split.name / f"sequential_{requests}"
+    from ..validate import mark_output
+    mark_output(folder.parent.parent, "unlearn")
+
+    def evaluate(model, i: int) -> dict:
+        lm = LM(model, task.lm.tokenizer, task.lm.prepend_bos, name=task.lm.name)
+        done = [x for f in folds[:i] for x in f]
+        pending = [x for f in folds[i:] for x in f]
+        subj = [x for x in done if x in set(split.subjects)]
+        texts = list(dict.fromkeys(split.texts[j] for j in split.forget if split.info.subject.iloc[j] in set(done)))
+        return {"request": i, "n_items": len(done),
+                "forget_exact": _forget_exact(lm, split, world, done) if done else np.nan,
+                "verbmem_forget": float(verbatim_memorization(lm, texts).rouge.mean()) if texts else np.nan,
+                "knowmem_forget": (float(knowledge_memorization(lm, _only(world, subjects=subj)).rouge.mean())
+                                   if subj else np.nan),
+                "pending_exact": _forget_exact(lm, split, world, pending) if pending else np.nan,
+                "recall_train": float(_recall_train(lm, kept_world)),
+                "knowmem_retain": float(knowledge_memorization(lm, _only(world, subjects=retained)).rouge.mean())}
+
+    base = {"run": str(run.path), "forget": split.name, "requests": requests, "folds": folds, "seed": seed,
+            "n_retain": int(len(split.retain)), "knowmem_retain_subjects": retained,
+            "sustainability": "MUSE: requests unlearned one after another, each from the previous model"}
+    original = run.model()
+    start = evaluate(original, 0)
+    tables = []
+    for m in tqdm(methods, desc="sequential unlearning", disable=not progress):
+        settings = {**base, "method": m, "params": _params(m, params.get(m, {}), LM_DEFAULTS)}
+        path = folder / f"{m}.parquet"
+        if path.exists():
+            old = load_result(path)
+            if {k: old.attrs["settings"].get(k) for k in ("params", "seed", "folds")} == json.loads(json.dumps(
+                    {k: settings[k] for k in ("params", "seed", "folds")})):
+                tables.append(old)
+                continue
+        model, rows = original, [{"method": m, **start, "seconds": 0.0}]
+        for i, fold in enumerate(folds, 1):
+            ids = [j for j in split.forget if split.info.subject.iloc[j] in set(fold)]
+            model, rec = unlearn(model, task, ids, split.retain, m, seed=seed + i, progress=False,
+                                 **params.get(m, {}))
+            rows.append({"method": m, **evaluate(model, i), "seconds": rec["seconds"]})
+        df = make_result(pd.DataFrame(rows)[SEQUENTIAL_COLUMNS], **settings)
+        save_result(df, path)
+        tables.append(df)
+    table = make_result(pd.concat(tables, ignore_index=True)[SEQUENTIAL_COLUMNS], **base, methods=methods,
+                        params={m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods})
+    save_result(table, folder / "table.parquet")
+    from ..analyses.plots import save_figure
+    save_figure(plot_sequential_unlearning(table), folder / "sequential.png")
+    return table
+
+
+def _recall_train(lm, world: FactWorld) -> float:
+    from ..analyses.lm import fact_recall
+    return float(fact_recall(lm, world, "train").correct.mean())
+
+
+def plot_sequential_unlearning(table: pd.DataFrame):
+    """Forgetting and utility against the number of unlearning requests, one line per method
+    (:func:`sequential_lm_unlearning`)."""
+    import matplotlib.pyplot as plt
+
+    s = table.attrs.get("settings", {})
+    cols = [("forget_exact", "requested items: exact (lower = forgotten)"),
+            ("verbmem_forget", "requested items: VerbMem (ROUGE-L F1)"),
+            ("pending_exact", "items not yet requested: exact"),
+            ("recall_train", "retained facts: recall (utility)"),
+            ("knowmem_retain", "retained facts: KnowMem (MUSE utility)")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.6), constrained_layout=True)
+    for ax, (c, label) in zip(axes, cols):
+        for m, g in table.groupby("method", sort=False):
+            ax.plot(g.request, g[c], marker="o", label=m)
+        ax.set(xlabel="unlearning requests so far", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Sequential unlearning of {s.get('forget', '?')} in {s.get('requests', '?')} requests "
+                 f"(method seed {s.get('seed', '?')} + request; request 0 = the original model)", fontsize=9)
     return fig
