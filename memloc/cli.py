@@ -576,13 +576,14 @@ def _unlearn_lm(a: argparse.Namespace) -> None:
     table = compare_lm_unlearning(run, a.forget or "canaries", methods, out=a.out, seed=a.seed,
                                   params=params, progress=not a.quiet, relearn=relearn)
     s = table.attrs["settings"]
-    c, mc = run.config, run.config["model"]
+    c = run.config
+    mc = c.get("model", c)  # the word testbed nests its architecture; a GPT-2 testbed's config is flat
     print(f"run: {run.path} ({mc['n_layers']} layers, d_model {mc['d_model']}, d_mlp {mc['d_mlp']}, seed {c['seed']}, "
           f"lr {c['lr']}, batch {c['batch_size']}); forget set {s['forget']!r}: {s['n_forget']} sentences "
           f"(canaries {s['forget_canaries']}, subjects {len(s['forget_subjects'])}), {s['n_members']} distinct items, "
           f"retain {s['n_retain']}, holdout {s['n_holdout']}")
-    print(f"oracle: {s['oracle']} (train_lm with the run's settings on the retain sentences, {s['oracle_epochs']} "
-          "epochs)")
+    length = f"{s['oracle_epochs']} epochs" if s.get("oracle_epochs") is not None else f"{s['oracle_steps']} steps"
+    print(f"oracle: {s['oracle']} (the run's trainer and settings on the retain sentences, {length})")
     print(f"method seed {s['seed']}; parameters (memloc.edit.unlearn_lm.LM_DEFAULTS unless --param):")
     for m, p in s["params"].items():
         print(f"  {m}: {json.dumps(p)}")

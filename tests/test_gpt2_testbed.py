@@ -173,6 +173,21 @@ def test_unlearning_split_and_oracle_on_the_gpt2_testbed(gpt2_run, tmp_path):
     sub = lm_forget_split(w, "subjects:2")
     gone = {split.texts[i] for i in sub.forget}
     assert gone == {t for t in w.training_text() if t.startswith(tuple(s + " " for s in sub.subjects))}
+    # rome on biographies: one request per forgotten fact, a multi-word object of the same relation as the new target
+    from memloc.edit.unlearn_lm import _rome_requests, lm_task
+
+    reqs = _rome_requests(lm_task(gpt2_run.lm(), sub), sub.forget, seed=0)
+    facts = {(f.subject, f.relation): f for f in w.facts if f.subject in sub.subjects}
+    assert len(reqs) == len(facts) == 2 * len(w.relations)
+    for r in reqs:
+        rel = next(k for k, v in w.relations.items() if v[1][0].replace("{s}", "{}") == r["prompt"])
+        assert r["target_true"] == facts[(r["subject"], rel)].object != r["target_new"] in w.relations[rel][0]
+    from memloc.cli import main
+
+    # the command line on a GPT-2 run (flat config, oracle counted in steps)
+    assert main(["unlearn", str(gpt2_run.path), "--forget", "subjects:2", "--method", "grad_ascent", "--out",
+                 str(tmp_path / "ul"), "--quiet", "--threads", "1"]) in (0, None)
+    assert (tmp_path / "ul" / "subjects-2" / "table.parquet").exists()
     oracle = train_lm_oracle(gpt2_run, split, tmp_path / "oracle", progress=False)
     assert oracle.kind == "gpt2" and oracle.config["n_texts"] == len(split.retain)
     assert oracle.tokenizer.get_vocab() == gpt2_run.tokenizer.get_vocab()  # the run's token ids

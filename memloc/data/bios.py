@@ -123,15 +123,7 @@ class BioWorld(FactWorld):
         pairs of the world's own first and last names, so no name is new to the tokenizer), each attribute drawn
         uniformly from its relation's objects: non-members of the same format for membership inference."""
         s = self.settings
-        if s.get("kind") != "bios" or "n_first" not in s:
-            raise ValueError("fresh_biographies needs a world made by make_bio_world.")
-        rng = np.random.default_rng(self.seed)  # replays make_bio_world's name pools
-        taken: set[str] = set()
-        first, last = _names(rng, int(s["n_first"]), taken), _names(rng, int(s["n_last"]), taken)
-        used = set(self.subjects) | {c.name for c in self.canaries}
-        free = [f"{a} {b}" for a in first for b in last if f"{a} {b}" not in used]
-        if n > len(free):
-            raise ValueError(f"Only {len(free)} unused name pairs are left for fresh biographies; asked for {n}.")
+        free = self._free_pairs(n)
         rng = np.random.default_rng([self.seed, seed, 29])
         out = []
         for i in rng.permutation(len(free))[:n]:
@@ -148,11 +140,27 @@ class BioWorld(FactWorld):
             out.append((who, " ".join(sentences)))
         return out
 
+    def _free_pairs(self, n: int) -> list[str]:
+        """The (first, last) pairs of the world's own name pools that no person or canary has (replaying
+        make_bio_world's draws)."""
+        s = self.settings
+        if s.get("kind") != "bios" or "n_first" not in s:
+            raise ValueError("Fresh names need a world made by make_bio_world.")
+        rng = np.random.default_rng(self.seed)
+        taken: set[str] = set()
+        first, last = _names(rng, int(s["n_first"]), taken), _names(rng, int(s["n_last"]), taken)
+        used = set(self.subjects) | {c.name for c in self.canaries}
+        free = [f"{a} {b}" for a in first for b in last if f"{a} {b}" not in used]
+        if n > len(free):
+            raise ValueError(f"Only {len(free)} unused name pairs are left in the world's name pools; asked for {n}.")
+        return free
+
     def new_names(self, n: int, rng: np.random.Generator) -> list[str]:
-        """``n`` two-part names made from new first and last names, none of them a person or canary of the
-        world."""
-        taken = {p for name in self.subjects + [c.name for c in self.canaries] for p in name.split()}
-        return [f"{a} {b}" for a, b in zip(_names(rng, n, taken), _names(rng, n, taken))]
+        """``n`` names no person or canary of the world has, drawn (with ``rng``) from the unused pairs of the
+        world's own first and last names, as its canaries' names are: a never-inserted canary differs from an
+        inserted one only in not being trained on (names of new syllables would be rare BPE pieces, an easy tell)."""
+        free = self._free_pairs(n)
+        return [free[int(i)] for i in rng.permutation(len(free))[:n]]
 
     def words(self) -> list[str]:
         raise TypeError("A BioWorld is tokenized by its BPE tokenizer, not by words.")

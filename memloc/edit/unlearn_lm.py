@@ -207,6 +207,7 @@ class LMSplit(Split):
     canaries: tuple[Canary, ...] = ()
     subjects: tuple[str, ...] = ()
     n_train: int = 0
+    facts: pd.DataFrame | None = None  # the forgotten subjects' facts in their first training template (for rome)
 
 
 def _holdout_canaries(world: FactWorld, n: int, digits: int) -> list[Canary]:
@@ -271,11 +272,11 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
 
     def fact_row(kind, f, tmpl):
         return {"kind": kind, "subject": f.subject, "relation": f.relation, "prompt": tmpl, "target": f.object,
-                "choices": " ".join(world.relations[f.relation][0]), "continuation": f.object}
+                "choices": "|".join(world.relations[f.relation][0]), "continuation": f.object}
 
     def canary_row(kind, c):
         return {"kind": kind, "subject": c.name, "relation": "canary", "prompt": "the code of {} is",
-                "target": c.secret[0], "choices": " ".join(digits), "continuation": c.secret_text}
+                "target": c.secret[0], "choices": "|".join(digits), "continuation": c.secret_text}
 
     texts = world.training_text()
     by_length = sorted(subjects, key=len, reverse=True)
@@ -327,9 +328,11 @@ def lm_forget_split(world: FactWorld, forget: str | Sequence[str] = "canaries", 
         if train_info.kind.iloc[i] in ("canary", "fact", "bio") and all_texts[i] not in seen:
             seen.add(all_texts[i])
             members.append(i)
+    facts = pd.DataFrame([fact_row("fact", f, world.relations[f.relation][1][0].replace("{s}", "{}"))
+                          for f in world.facts if f.subject in set(f_subjects)])
     return LMSplit(forget=forget_ids, retain=retain_ids, holdout=np.arange(n_train, len(all_texts)), name=name,
                    texts=all_texts, info=info, members=np.asarray(members, dtype=np.int64), canaries=f_canaries,
-                   subjects=f_subjects, n_train=n_train)
+                   subjects=f_subjects, n_train=n_train, facts=facts)
 
 
 def continuation_tokens(lm, texts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
@@ -354,7 +357,9 @@ def lm_task(lm, split: LMSplit, **kw) -> LMTask:
     lm = as_lm(lm)
     info = split.info.copy()
     info["suffix"] = continuation_tokens(lm, list(split.texts), info.continuation.tolist())
-    return LMTask(lm, list(split.texts), suffix=info.suffix.to_numpy(), info=info, **kw)
+    task = LMTask(lm, list(split.texts), suffix=info.suffix.to_numpy(), info=info, **kw)
+    task.facts = split.facts
+    return task
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -523,12 +528,17 @@ def _rome_requests(task: LMTask, forget_ids, seed: int) -> list[dict]:
     if task.info is None:
         raise ValueError("The 'rome' method needs requests=[...] or a task made by lm_task() (it reads the forget "
                          "items' subjects and prompts from task.info).")
-    info = task.info.iloc[np.asarray(forget_ids)]
-    info = info[info.prompt.notna()].drop_duplicates(["subject", "relation"])
+    rows = task.info.iloc[np.asarray(forget_ids)]
+    info = rows[rows.prompt.notna()]
+    facts = getattr(task, "facts", None)
+    if facts is not None and len(facts):  # biographies / profiles: the subjects' facts in a training template
+        told = rows[rows.prompt.isna()].subject
+        info = pd.concat([info, facts[facts.subject.isin(set(told))]], ignore_index=True)
+    info = info.drop_duplicates(["subject", "relation"])
     rng = np.random.default_rng([seed, 17])
     out = []
     for r in info.itertuples():
-        choices = [c for c in r.choices.split() if c != r.target]
+        choices = [c for c in r.choices.split("|") if c != r.target]
         out.append({"prompt": r.prompt, "subject": r.subject, "target_true": r.target,
                     "target_new": choices[int(rng.integers(len(choices)))]})
     if not out:
@@ -816,9 +826,10 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
                        "forget text",
             "knowmem": f"MUSE's KnowMem: ROUGE-L F1 of greedy answers to held-out-template prompts (forgotten "
                        f"subjects; {KNOWMEM_RETAIN_SUBJECTS} seeded retained subjects for knowmem_retain)",
+            "holdout_sha1": hashlib.sha1("\n".join(split.texts[i] for i in split.holdout).encode()).hexdigest()[:16],
             "relearn": None if relearn is None else {**RELEARN_DEFAULTS, **relearn}, "evaluation": 3}
-    keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "exposure_candidates", "relearn",
-            "evaluation")
+    keys = ("params", "seed", "oracle", "n_holdout", "n_holdout_asked", "holdout_sha1", "exposure_candidates",
+            "relearn", "evaluation")
 
     def reuse(name: str, settings: dict) -> pd.DataFrame | None:
         """A finished row made with the same parameters, seed, oracle and evaluation settings."""
