@@ -489,10 +489,9 @@ def _cached_attribution(ref, task: LMTask, ids, layers: list[int], ig_steps: int
     """:func:`attributed_neurons`, remembered for the same weights, task texts, ids, layers and steps (the last
     4): ``random_neurons`` needs ``zero_neurons``' per-layer counts, and on a biography testbed the attribution of
     every continuation token is minutes of work."""
-    h = hashlib.sha1()
-    for n, t in sorted(ref.state_dict().items()):
-        h.update(n.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    from .sequential import _fingerprint
+
+    h = hashlib.sha1(_fingerprint(ref.state_dict()).encode())
     h.update(task.tokens.numpy().tobytes())
     h.update(task.suffix.numpy().tobytes())
     h.update(np.asarray(ids, np.int64).tobytes())
@@ -768,6 +767,23 @@ COLUMNS = ["method", "forget_exact", "forget_exposure", "other_canaries", "recal
 RELEARN_COLUMNS = ["forget_exact_held_before", "relearn_forget_exact_held", "retain_relearn_forget_exact"]
 
 
+def _checked_methods(run, methods, params) -> tuple[list[str], dict, dict]:
+    """A finished run, known methods and parameters for chosen methods only: ``(methods, params, effective
+    parameters per method)``."""
+    if run.summary is None:
+        raise ValueError(f"{run.path} is not finished; rerun its `memloc lm train` command first.")
+    methods = list(LM_METHODS) if methods is None else list(methods)
+    bad = [m for m in methods if m not in LM_METHODS]
+    if bad or not methods:
+        raise ValueError(f"Unknown unlearning method(s) {bad} for a language model; valid methods are "
+                         f"{list(LM_METHODS)} (or 'all').")
+    params = params or {}
+    for m in params:
+        if m not in methods:
+            raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
+    return methods, params, {m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods}
+
+
 def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods: Sequence[str] | None = None,
                           out: str | Path | None = None, seed: int = 0, params: dict[str, dict] | None = None,
                           n_holdout: int = 32, exposure_candidates: int = 10_000,
@@ -786,18 +802,7 @@ def compare_lm_unlearning(run, forget: str | Sequence[str] = "canaries", methods
     """
     from tqdm.auto import tqdm
 
-    if run.summary is None:
-        raise ValueError(f"{run.path} is not finished; rerun its `memloc lm train` command first.")
-    methods = list(LM_METHODS) if methods is None else list(methods)
-    bad = [m for m in methods if m not in LM_METHODS]
-    if bad or not methods:
-        raise ValueError(f"Unknown unlearning method(s) {bad} for a language model; valid methods are "
-                         f"{list(LM_METHODS)} (or 'all').")
-    params = params or {}
-    for m in params:
-        if m not in methods:
-            raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
-    effective = {m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods}
+    methods, params, effective = _checked_methods(run, methods, params)
     world = run.world
     split = lm_forget_split(world, forget, n_holdout)
     task = lm_task(run.lm(), split)
@@ -961,17 +966,7 @@ def sequential_lm_unlearning(run, forget: str | Sequence[str] = "subjects:20", m
     from ..analyses.lm import knowledge_memorization, verbatim_memorization
     from ..models.lm import LM
 
-    if run.summary is None:
-        raise ValueError(f"{run.path} is not finished; rerun its `memloc lm train` command first.")
-    methods = list(LM_METHODS) if methods is None else list(methods)
-    bad = [m for m in methods if m not in LM_METHODS]
-    if bad or not methods:
-        raise ValueError(f"Unknown unlearning method(s) {bad} for a language model; valid methods are "
-                         f"{list(LM_METHODS)} (or 'all').")
-    params = params or {}
-    for m in params:
-        if m not in methods:
-            raise ValueError(f"Parameters given for {m!r}, which is not among the methods {methods}.")
+    methods, params, effective = _checked_methods(run, methods, params)
     world = run.world
     split = lm_forget_split(world, forget)
     names = _item_names(split, split.forget)
@@ -1008,7 +1003,7 @@ def sequential_lm_unlearning(run, forget: str | Sequence[str] = "subjects:20", m
     start = evaluate(original, 0)
     tables = []
     for m in tqdm(methods, desc="sequential unlearning", disable=not progress):
-        settings = {**base, "method": m, "params": _params(m, params.get(m, {}), LM_DEFAULTS)}
+        settings = {**base, "method": m, "params": effective[m]}
         path = folder / f"{m}.parquet"
         if path.exists():
             old = load_result(path)
@@ -1026,7 +1021,7 @@ def sequential_lm_unlearning(run, forget: str | Sequence[str] = "subjects:20", m
         save_result(df, path)
         tables.append(df)
     table = make_result(pd.concat(tables, ignore_index=True)[SEQUENTIAL_COLUMNS], **base, methods=methods,
-                        params={m: _params(m, params.get(m, {}), LM_DEFAULTS) for m in methods})
+                        params=effective)
     save_result(table, folder / "table.parquet")
     from ..analyses.plots import save_figure
     save_figure(plot_sequential_unlearning(table), folder / "sequential.png")
